@@ -1,0 +1,675 @@
+// Package node wires one ztgo node: the snapshot source, the CA and certificates, the stage
+// pipeline, the connection pool, the relay, the listeners and the admin endpoints. It holds no
+// proxy logic of its own: it connects the packages that do, in the order they must start and
+// stop.
+//
+// Loopback mode: with no kernel capture, outbound traffic enters through the SOCKS5 listener
+// (the SOCKS client's source address names the source workload), and every local HBONE
+// workload gets an inbound HBONE listener on <workload IP>:15008. Listeners follow the
+// snapshot: a workload added to or removed from this node opens or closes its listener.
+package node
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"net"
+	"net/netip"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/puzpuzpuz/xsync/v3"
+
+	"github.com/ztgo/ztgo/connpool"
+	"github.com/ztgo/ztgo/control/localfile"
+	"github.com/ztgo/ztgo/control/snapshot"
+	"github.com/ztgo/ztgo/runtime/admin"
+	"github.com/ztgo/ztgo/runtime/buildinfo"
+	"github.com/ztgo/ztgo/runtime/relay"
+	"github.com/ztgo/ztgo/runtime/telemetry"
+	"github.com/ztgo/ztgo/runtime/trace"
+	"github.com/ztgo/ztgo/stages"
+	"github.com/ztgo/ztgo/stages/authz"
+	"github.com/ztgo/ztgo/stages/capture"
+	"github.com/ztgo/ztgo/stages/hbone"
+	"github.com/ztgo/ztgo/stages/upstream"
+	"github.com/ztgo/ztgo/tls/ca"
+	"github.com/ztgo/ztgo/tls/certs"
+	"github.com/ztgo/ztgo/tls/spiffe"
+)
+
+// Config is everything a node needs; cmd/ztgo fills it from flags and environment.
+type Config struct {
+	// Name is this node (NODE_NAME): workloads whose node matches are local.
+	Name string
+	// Network is this node's network (NETWORK).
+	Network string
+	// ConfigPath (LOCAL_XDS_PATH) or ConfigInline (LOCAL_XDS) give the mesh; with neither,
+	// DefaultConfig is used.
+	ConfigPath, ConfigInline string
+	DefaultConfig            []byte
+	ConfigPollInterval       time.Duration
+	// CADir is the built-in CA's plug-in directory; empty means an in-memory CA.
+	CADir string
+	// TrustDomain of the in-memory CA (TRUST_DOMAIN).
+	TrustDomain string
+	CertTTL     time.Duration
+
+	SOCKS5Addr, AdminAddr, MetricsAddr, ReadinessAddr string
+	// HBONEPort is where inbound HBONE listens on each local workload address (15008).
+	HBONEPort uint16
+
+	PoolMaxStreams  uint32
+	PoolIdleTimeout time.Duration
+	Mark            int
+	Transparent     bool
+	Workers         int
+	// DrainTimeout bounds graceful shutdown (CONNECTION_TERMINATION_DEADLINE).
+	DrainTimeout time.Duration
+	LogAuthzInfo bool
+
+	Logger *slog.Logger
+	Level  *slog.LevelVar
+	// Registry collects every metric; nil creates one.
+	Registry *prometheus.Registry
+}
+
+// Node is one running ztgo node.
+type Node struct {
+	cfg   Config
+	log   *slog.Logger
+	reg   *prometheus.Registry
+	store *snapshot.Store
+
+	source   *localfile.Source
+	signer   *ca.Local
+	certs    *certs.Manager
+	pool     *connpool.Pool
+	dialer   *upstream.Dialer
+	tracker  *authz.Tracker
+	pipeline *stages.Pipeline
+	relay    *relay.Relay
+	rec      *trace.Recorder
+	tel      *telemetry.Telemetry
+	admin    *admin.Server
+	ready    *admin.Readiness
+
+	serverTLS *tls.Config
+	handshake chan struct{} // bounds concurrent inbound TLS handshakes
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+	quit   chan struct{}
+	stop   sync.Once
+
+	mu          sync.Mutex
+	socksLn     net.Listener
+	inbound     map[netip.Addr]net.Listener
+	serverConns map[*hbone.Conn]struct{}
+	flows       *xsync.MapOf[uint64, *stages.Flow]
+	relays      sync.WaitGroup
+}
+
+// New validates cfg and builds the node's parts; nothing listens until Start.
+func New(cfg Config) (*Node, error) {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Level == nil {
+		cfg.Level = new(slog.LevelVar)
+	}
+	if cfg.Registry == nil {
+		cfg.Registry = prometheus.NewRegistry()
+	}
+	if cfg.HBONEPort == 0 {
+		cfg.HBONEPort = snapshot.DefaultHBONEPort
+	}
+	if cfg.Workers <= 0 {
+		cfg.Workers = 32
+	}
+	if cfg.DrainTimeout <= 0 {
+		cfg.DrainTimeout = 5 * time.Second
+	}
+	if cfg.TrustDomain == "" {
+		cfg.TrustDomain = snapshot.DefaultTrustDomain
+	}
+	if cfg.PoolMaxStreams == 0 {
+		cfg.PoolMaxStreams = hbone.ClientMaxStreams
+	}
+	n := &Node{
+		cfg: cfg, log: cfg.Logger, reg: cfg.Registry,
+		store:       snapshot.NewStore(),
+		handshake:   make(chan struct{}, 256),
+		quit:        make(chan struct{}),
+		inbound:     map[netip.Addr]net.Listener{},
+		serverConns: map[*hbone.Conn]struct{}{},
+		flows:       xsync.NewMapOf[uint64, *stages.Flow](),
+		relay:       relay.New(0),
+		ready:       admin.NewReadiness("config", "certificates", "proxy"),
+	}
+	reg := cfg.Registry
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	build := prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "istio_build", Help: "Istio component build info"}, []string{"component", "tag"})
+	build.WithLabelValues("ztunnel", buildinfo.Version).Set(1)
+	reg.MustRegister(build)
+
+	cm, err := localfile.NewMetrics(reg)
+	if err != nil {
+		return nil, err
+	}
+	opts := []localfile.Option{localfile.WithMetrics(cm)}
+	if cfg.ConfigPollInterval > 0 {
+		opts = append(opts, localfile.WithPollInterval(cfg.ConfigPollInterval))
+	}
+	switch {
+	case cfg.ConfigPath != "":
+		n.source, err = localfile.NewFile(cfg.ConfigPath, n.store, cfg.Logger, opts...)
+	case cfg.ConfigInline != "":
+		n.source, err = localfile.NewInline(cfg.ConfigInline, n.store, cfg.Logger, opts...)
+	default:
+		n.source, err = localfile.NewInline(string(cfg.DefaultConfig), n.store, cfg.Logger, opts...)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("config source: %w", err)
+	}
+	if cfg.CADir != "" {
+		n.signer, err = ca.LoadOrCreate(cfg.CADir)
+	} else {
+		n.signer, err = ca.NewEphemeral(cfg.TrustDomain)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("built-in CA: %w", err)
+	}
+	n.certs, err = certs.New(certs.Config{Signer: n.signer, TTL: cfg.CertTTL, Logger: cfg.Logger, Registerer: reg})
+	if err != nil {
+		return nil, fmt.Errorf("certificates: %w", err)
+	}
+	n.dialer = upstream.New(upstream.Config{Mark: cfg.Mark, Transparent: cfg.Transparent})
+	n.pool, err = connpool.New(connpool.Config{Dial: n.dialHBONE, IdleTimeout: cfg.PoolIdleTimeout, Logger: cfg.Logger, Registerer: reg})
+	if err != nil {
+		return nil, err
+	}
+	n.tracker = authz.NewTracker(cfg.Logger)
+	if n.rec, err = trace.NewRecorder(512, reg); err != nil {
+		return nil, fmt.Errorf("trace recorder: %w", err)
+	}
+	m, err := telemetry.NewMetrics(reg)
+	if err != nil {
+		return nil, err
+	}
+	n.tel = telemetry.New(m, cfg.Logger.With("scope", "access"))
+	h := &stages.Handlers{
+		Node: cfg.Name, Network: cfg.Network, Pool: n.pool, Dialer: n.dialer, Tracker: n.tracker,
+		Log: cfg.Logger, LogAuthzInfo: cfg.LogAuthzInfo,
+	}
+	n.pipeline, err = stages.NewPipeline(h.Stages(cfg.Workers, 1024), stages.Hooks{Established: n.established, Failed: n.failed}, reg)
+	if err != nil {
+		return nil, err
+	}
+	n.serverTLS = n.certs.ServerConfig(n.serverIdentity)
+	n.admin, err = admin.New(admin.Config{
+		AdminAddr: cfg.AdminAddr, MetricsAddr: cfg.MetricsAddr, ReadinessAddr: cfg.ReadinessAddr,
+		Gatherer: reg, ConfigDump: n.configDump, Recorder: n.rec, Level: cfg.Level,
+		Quit: n.requestQuit, Ready: n.ready, Logger: cfg.Logger,
+	})
+	if err != nil {
+		return nil, err
+	}
+	return n, nil
+}
+
+// Store is the node's snapshot store.
+func (n *Node) Store() *snapshot.Store { return n.store }
+
+// Registry is the node's metrics registry.
+func (n *Node) Registry() *prometheus.Registry { return n.reg }
+
+// Recorder holds the node's flow traces.
+func (n *Node) Recorder() *trace.Recorder { return n.rec }
+
+// SOCKS5Addr is the bound SOCKS5 address (useful with port 0).
+func (n *Node) SOCKS5Addr() string {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.socksLn == nil {
+		return ""
+	}
+	return n.socksLn.Addr().String()
+}
+
+// AdminAddr returns the bound address of "admin", "metrics" or "readiness".
+func (n *Node) AdminAddr(name string) string { return n.admin.Addr(name) }
+
+// Quit is closed when shutdown was requested through the admin endpoint.
+func (n *Node) Quit() <-chan struct{} { return n.quit }
+
+func (n *Node) requestQuit() {
+	n.stop.Do(func() { close(n.quit) })
+}
+
+// Start loads the config (failing on an invalid one), issues nothing yet, and opens every
+// listener.
+func (n *Node) Start(ctx context.Context) error {
+	n.ctx, n.cancel = context.WithCancel(context.Background())
+	if err := n.source.Start(n.ctx); err != nil {
+		return fmt.Errorf("load config: %w", err)
+	}
+	n.ready.Done("config")
+	if err := n.certs.Start(n.ctx); err != nil {
+		return fmt.Errorf("start certificates: %w", err)
+	}
+	n.pool.Start()
+	n.pipeline.Start()
+	n.wg.Add(1)
+	go func() { defer n.wg.Done(); n.tracker.Run(n.ctx, n.store) }()
+
+	if err := n.admin.Start(); err != nil {
+		return err
+	}
+	if n.cfg.SOCKS5Addr != "" {
+		ln, err := net.Listen("tcp", n.cfg.SOCKS5Addr)
+		if err != nil {
+			return fmt.Errorf("listen socks5 on %s: %w", n.cfg.SOCKS5Addr, err)
+		}
+		n.mu.Lock()
+		n.socksLn = ln
+		n.mu.Unlock()
+		n.wg.Add(1)
+		go n.acceptSOCKS(ln)
+	}
+	n.reconcileInbound()
+	n.wg.Add(1)
+	go n.watchSnapshots()
+	n.wg.Add(1)
+	go n.prefetchCerts()
+	n.ready.Done("proxy")
+	n.log.Info("ztgo node started", "node", n.cfg.Name, "version", buildinfo.Version,
+		"socks5", n.SOCKS5Addr(), "admin", n.admin.Addr("admin"), "metrics", n.admin.Addr("metrics"),
+		"workloads", len(n.store.Load().WorkloadsOnNode(n.cfg.Name)))
+	return nil
+}
+
+// localWorkloads are the HBONE workloads this node serves inbound.
+func (n *Node) localWorkloads(s *snapshot.Snapshot) []*snapshot.Workload {
+	var out []*snapshot.Workload
+	for _, w := range s.WorkloadsOnNode(n.cfg.Name) {
+		if w.Protocol == snapshot.TunnelHBONE {
+			out = append(out, w)
+		}
+	}
+	return out
+}
+
+func (n *Node) watchSnapshots() {
+	defer n.wg.Done()
+	ch, cancel := n.store.Subscribe()
+	defer cancel()
+	for {
+		select {
+		case <-n.ctx.Done():
+			return
+		case <-ch:
+			n.reconcileInbound()
+			n.forgetUnusedCerts()
+		}
+	}
+}
+
+// reconcileInbound opens a listener on <ip>:15008 for every local HBONE workload address and
+// closes the listeners of addresses that are gone.
+func (n *Node) reconcileInbound() {
+	want := map[netip.Addr]bool{}
+	for _, w := range n.localWorkloads(n.store.Load()) {
+		for _, a := range w.Addresses {
+			want[a.Unmap()] = true
+		}
+	}
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	for ip, ln := range n.inbound {
+		if !want[ip] {
+			ln.Close()
+			delete(n.inbound, ip)
+			n.log.Info("inbound HBONE listener closed", "addr", ln.Addr().String())
+		}
+	}
+	if n.ctx.Err() != nil {
+		return
+	}
+	for ip := range want {
+		if _, ok := n.inbound[ip]; ok {
+			continue
+		}
+		addr := netip.AddrPortFrom(ip, n.cfg.HBONEPort)
+		ln, err := net.Listen("tcp", addr.String())
+		if err != nil {
+			n.log.Error("cannot listen for inbound HBONE", "addr", addr.String(), "error", err)
+			continue
+		}
+		n.inbound[ip] = ln
+		n.log.Info("inbound HBONE listener open", "addr", addr.String())
+		n.wg.Add(1)
+		go n.acceptInbound(ln)
+	}
+}
+
+// prefetchCerts asks for the certificates of local HBONE workloads up front, so the first
+// connection does not wait for a signing.
+func (n *Node) prefetchCerts() {
+	defer n.wg.Done()
+	for _, w := range n.localWorkloads(n.store.Load()) {
+		ctx, cancel := context.WithTimeout(n.ctx, 30*time.Second)
+		if _, err := n.certs.Get(ctx, w.Identity()); err != nil && n.ctx.Err() == nil {
+			n.log.Warn("certificate prefetch failed", "identity", w.Identity().String(), "error", err)
+		}
+		cancel()
+	}
+	n.ready.Done("certificates")
+}
+
+// forgetUnusedCerts drops certificates of identities no local workload has any more.
+func (n *Node) forgetUnusedCerts() {
+	used := map[spiffe.ID]bool{}
+	for _, w := range n.store.Load().WorkloadsOnNode(n.cfg.Name) {
+		used[w.Identity()] = true
+	}
+	for _, st := range n.certs.Snapshot() {
+		if !used[st.Identity] {
+			n.certs.Forget(st.Identity)
+		}
+	}
+}
+
+// serverIdentity picks the certificate for an inbound connection: the workload that owns the
+// address the client connected to.
+func (n *Node) serverIdentity(local netip.Addr) (spiffe.ID, error) {
+	w := n.store.Load().WorkloadByAddr(n.cfg.Network, local)
+	if w == nil || w.Node != n.cfg.Name {
+		return spiffe.ID{}, fmt.Errorf("no local workload at %s", local)
+	}
+	return w.Identity(), nil
+}
+
+// dialHBONE opens a pooled connection: TCP from the source workload's address, mTLS as the
+// source identity expecting one of the key's SANs, then the HTTP/2 preface.
+func (n *Node) dialHBONE(ctx context.Context, key connpool.Key) (*hbone.Conn, error) {
+	src, err := spiffe.Parse(key.SrcIdentity)
+	if err != nil {
+		return nil, &stages.Error{Kind: stages.FailIdentity, Err: err}
+	}
+	tcfg, err := n.certs.ClientConfig(ctx, src, key.SANs())
+	if err != nil {
+		return nil, &stages.Error{Kind: stages.FailIdentity, Err: fmt.Errorf("client certificate for %s: %w", src, err)}
+	}
+	nc, _, err := n.dialer.Dial(ctx, key.SrcIP, key.Dst, true)
+	if err != nil {
+		kind := stages.FailConnect
+		if errors.Is(err, upstream.ErrTimeout) {
+			kind = stages.FailNetworkPolicy
+			err = fmt.Errorf("%w (maybe a NetworkPolicy is blocking HBONE port %d)", err, key.Dst.Port())
+		}
+		return nil, &stages.Error{Kind: kind, Err: err}
+	}
+	tc := tls.Client(nc, tcfg)
+	hctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if err := tc.HandshakeContext(hctx); err != nil {
+		nc.Close()
+		return nil, &stages.Error{Kind: stages.FailTLS, Err: fmt.Errorf("tls handshake with %s: %w", key.Dst, err)}
+	}
+	set := hbone.ClientSettings()
+	set.MaxConcurrentStreams = n.cfg.PoolMaxStreams
+	c, err := hbone.NewClientConn(tc, hbone.Config{Settings: set, Logger: n.log})
+	if err != nil {
+		return nil, &stages.Error{Kind: stages.FailH2Handshake, Err: err}
+	}
+	return c, nil
+}
+
+func (n *Node) acceptSOCKS(ln net.Listener) {
+	defer n.wg.Done()
+	rng := rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64()))
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			if n.ctx.Err() == nil && !errors.Is(err, net.ErrClosed) {
+				n.log.Error("socks5 accept", "error", err)
+			}
+			return
+		}
+		tc := c.(*net.TCPConn)
+		f := n.pipeline.NewFlow(stages.Outbound, n.store.Load(), stages.Capture, stages.Identity, stages.Upstream)
+		f.Down = tc
+		f.Src = addrPort(c.RemoteAddr())
+		f.TraceParent = hbone.NewTraceParent(rng)
+		// Blocks while the capture stage is saturated: accepting slows down (backpressure).
+		if err := n.pipeline.Submit(n.ctx, f); err != nil {
+			c.Close()
+			return
+		}
+	}
+}
+
+func (n *Node) acceptInbound(ln net.Listener) {
+	defer n.wg.Done()
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			if n.ctx.Err() == nil && !errors.Is(err, net.ErrClosed) {
+				n.log.Error("inbound accept", "error", err)
+			}
+			return
+		}
+		select {
+		case n.handshake <- struct{}{}:
+		case <-n.ctx.Done():
+			c.Close()
+			return
+		}
+		n.wg.Add(1)
+		go func() {
+			defer n.wg.Done()
+			defer func() { <-n.handshake }()
+			n.serveInbound(c)
+		}()
+	}
+}
+
+// serveInbound completes the mTLS handshake and the HTTP/2 preface of one inbound connection;
+// its streams then arrive on the connection's read loop.
+func (n *Node) serveInbound(nc net.Conn) {
+	tc := tls.Server(nc, n.serverTLS)
+	ctx, cancel := context.WithTimeout(n.ctx, 10*time.Second)
+	err := tc.HandshakeContext(ctx)
+	cancel()
+	if err != nil {
+		n.log.Debug("inbound tls handshake failed", "peer", nc.RemoteAddr().String(), "error", err)
+		nc.Close()
+		return
+	}
+	peer, err := certs.PeerIdentity(tc.ConnectionState())
+	if err != nil {
+		n.log.Debug("inbound peer has no identity", "peer", nc.RemoteAddr().String(), "error", err)
+		tc.Close()
+		return
+	}
+	local, remote := addrPort(nc.LocalAddr()), addrPort(nc.RemoteAddr())
+	conn, err := hbone.ServeConn(tc, hbone.Config{
+		Logger:  n.log,
+		Handler: func(s *hbone.Stream) { n.inboundStream(s, local, remote, peer) },
+	})
+	if err != nil {
+		n.log.Debug("inbound http2 preface failed", "peer", remote.String(), "error", err)
+		return
+	}
+	n.mu.Lock()
+	n.serverConns[conn] = struct{}{}
+	n.mu.Unlock()
+	n.wg.Add(1)
+	go func() {
+		defer n.wg.Done()
+		select {
+		case <-conn.Done():
+		case <-n.ctx.Done():
+			conn.Close()
+		}
+		n.mu.Lock()
+		delete(n.serverConns, conn)
+		n.mu.Unlock()
+	}()
+}
+
+// inboundStream runs on an HTTP/2 read loop: it must not block.
+func (n *Node) inboundStream(s *hbone.Stream, local, remote netip.AddrPort, peer spiffe.ID) {
+	snap := n.store.Load()
+	f := n.pipeline.NewFlow(stages.Inbound, snap, stages.Capture, stages.Identity, stages.Authz, stages.Upstream)
+	f.Down, f.DownStream = s, s
+	f.Src, f.Local, f.SrcIdentity = remote, local, peer
+	req := s.Request()
+	f.TraceParent = req.Get(hbone.HeaderTraceParent)
+	f.Baggage = hbone.ParseBaggage(req.Get(hbone.HeaderBaggage))
+	if w := snap.WorkloadByAddr(n.cfg.Network, remote.Addr()); w != nil && w.Identity() == peer {
+		f.SrcWorkload = w
+	}
+	if err := n.pipeline.TrySubmit(f); err != nil {
+		f.Fail(stages.FailOverload, err)
+		go func() {
+			s.Respond(503, nil)
+			n.failed(f)
+		}()
+	}
+}
+
+func (n *Node) established(f *stages.Flow) {
+	if f.Dir == stages.Outbound {
+		var bound netip.AddrPort
+		if c, ok := f.Up.(net.Conn); ok {
+			bound = addrPort(c.LocalAddr())
+		}
+		if err := capture.WriteReply(f.Down, capture.ReplySucceeded, bound); err != nil {
+			f.Fail(stages.FailConnect, fmt.Errorf("socks5 reply: %w", err))
+			n.failed(f)
+			return
+		}
+	}
+	n.fillTrace(f)
+	n.tel.Opened(f)
+	n.flows.Store(f.ID, f)
+	n.relays.Add(1)
+	go func() {
+		defer n.relays.Done()
+		res := n.relay.Run(f.Down, f.Up, &f.BytesSent, &f.BytesRecv)
+		n.flows.Delete(f.ID)
+		n.tracker.Remove(f.ID)
+		n.rec.Finish(&f.Trace)
+		n.tel.Closed(f, res.Err)
+	}()
+}
+
+func (n *Node) failed(f *stages.Flow) {
+	switch {
+	case f.Dir == stages.Outbound && f.Down != nil:
+		if f.Failure != stages.FailBadRequest {
+			capture.WriteReply(f.Down, socksReply(f.Failure), netip.AddrPort{})
+		}
+	case f.DownStream != nil:
+		// Stages answer before they fail; this covers flows failed by the pipeline itself.
+		f.DownStream.Respond(503, nil)
+	}
+	if f.Down != nil {
+		f.Down.Close()
+	}
+	if f.Up != nil {
+		f.Up.Close()
+	}
+	n.tracker.Remove(f.ID)
+	n.fillTrace(f)
+	n.rec.Finish(&f.Trace)
+	n.tel.Failed(f)
+}
+
+func socksReply(kind stages.Failure) byte {
+	switch kind {
+	case stages.FailDeny, stages.FailIdentity:
+		return capture.ReplyNotAllowed
+	case stages.FailNetworkPolicy:
+		return capture.ReplyHostUnreachable
+	case stages.FailConnect:
+		return capture.ReplyConnectionRefused
+	default:
+		return capture.ReplyGeneralFailure
+	}
+}
+
+func (n *Node) fillTrace(f *stages.Flow) {
+	f.Trace.Src = f.Src.String()
+	f.Trace.Dst = f.Dst.String()
+	f.Trace.SrcIdentity = f.SrcIdentity.String()
+	f.Trace.DstIdentity = f.DstIdentity.String()
+	f.Trace.TraceParent = f.TraceParent
+}
+
+// Stop drains the node: listeners close, HBONE connections get GOAWAY, flows get DrainTimeout
+// to finish and are then closed, and every goroutine is waited for.
+func (n *Node) Stop(ctx context.Context) error {
+	if n.cancel == nil {
+		return nil
+	}
+	n.mu.Lock()
+	if n.socksLn != nil {
+		n.socksLn.Close()
+	}
+	for ip, ln := range n.inbound {
+		ln.Close()
+		delete(n.inbound, ip)
+	}
+	conns := make([]*hbone.Conn, 0, len(n.serverConns))
+	for c := range n.serverConns {
+		conns = append(conns, c)
+	}
+	n.mu.Unlock()
+
+	dctx, cancel := context.WithTimeout(ctx, n.cfg.DrainTimeout)
+	defer cancel()
+	var dw sync.WaitGroup
+	for _, c := range conns {
+		dw.Add(1)
+		go func() { defer dw.Done(); c.Shutdown(dctx) }()
+	}
+	done := make(chan struct{})
+	go func() { n.relays.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-dctx.Done():
+		n.flows.Range(func(_ uint64, f *stages.Flow) bool {
+			f.Down.Close()
+			f.Up.Close()
+			return true
+		})
+		<-done
+	}
+	dw.Wait()
+	n.cancel()
+	n.pipeline.Stop()
+	n.pool.Close()
+	n.wg.Wait()
+	n.certs.Stop()
+	n.source.Stop()
+	n.admin.Stop(ctx)
+	return nil
+}
+
+func addrPort(a net.Addr) netip.AddrPort {
+	if ta, ok := a.(*net.TCPAddr); ok {
+		ap := ta.AddrPort()
+		return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+	}
+	ap, _ := netip.ParseAddrPort(a.String())
+	return ap
+}

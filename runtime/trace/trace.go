@@ -1,0 +1,182 @@
+// Package trace records where each connection spends its time, stage by stage.
+//
+// Every flow carries a Record: for each stage it passes through, the time it entered the
+// stage's mailbox, the time a worker picked it up and the time the stage finished. When a flow
+// is established (or fails) the Recorder observes the per-stage durations into the
+// ztgo_stage_duration_seconds histogram and keeps the record in two bounded rings: the most
+// recent flows and the slowest ones. The admin page serves both.
+package trace
+
+import (
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// MaxSpans bounds the stages one record holds.
+const MaxSpans = 8
+
+// Span is one stage of one flow.
+type Span struct {
+	Stage string
+	// Queued is when the flow entered the stage's mailbox; Start when a worker took it; End
+	// when the stage was done with it.
+	Queued, Start, End time.Time
+}
+
+// Wait is the time spent in the mailbox; Work the time spent in the stage.
+func (s Span) Wait() time.Duration { return s.Start.Sub(s.Queued) }
+func (s Span) Work() time.Duration { return s.End.Sub(s.Start) }
+
+// Record is the trace of one flow. It is written by one goroutine at a time (the flow moves
+// from stage to stage), so it needs no lock.
+type Record struct {
+	ID          uint64
+	Direction   string
+	Src, Dst    string
+	SrcIdentity string
+	DstIdentity string
+	TraceParent string
+	Begin       time.Time
+	Established time.Time
+	Outcome     string
+	spans       [MaxSpans]Span
+	n           int
+}
+
+// Enter marks the flow queued for stage at t.
+func (r *Record) Enter(stage string, t time.Time) {
+	if r.n == MaxSpans {
+		return
+	}
+	r.spans[r.n] = Span{Stage: stage, Queued: t}
+	r.n++
+}
+
+// Begin marks the current stage taken by a worker.
+func (r *Record) StartStage(t time.Time) {
+	if r.n > 0 {
+		r.spans[r.n-1].Start = t
+	}
+}
+
+// Leave marks the current stage done.
+func (r *Record) Leave(t time.Time) {
+	if r.n > 0 {
+		r.spans[r.n-1].End = t
+	}
+}
+
+// Spans returns the recorded stages in order.
+func (r *Record) Spans() []Span { return r.spans[:r.n] }
+
+// Total is the time from the first stage to establishment (or to the end, if it failed).
+func (r *Record) Total() time.Duration {
+	if r.n == 0 {
+		return 0
+	}
+	end := r.Established
+	if end.IsZero() {
+		end = r.spans[r.n-1].End
+	}
+	return end.Sub(r.Begin)
+}
+
+// Recorder aggregates finished records.
+type Recorder struct {
+	hist *prometheus.HistogramVec
+	wait *prometheus.HistogramVec
+
+	mu      sync.Mutex
+	recent  []Record
+	next    int
+	full    bool
+	slowest []Record
+	size    int
+}
+
+// NewRecorder keeps the last size records and the size slowest ones, and registers its
+// histograms on reg (if not nil).
+func NewRecorder(size int, reg prometheus.Registerer) (*Recorder, error) {
+	if size <= 0 {
+		size = 256
+	}
+	buckets := []float64{.00001, .000025, .00005, .0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10}
+	r := &Recorder{
+		hist: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "ztgo_stage_duration_seconds",
+			Help:    "Time a connection spends in each stage of the pipeline (work, excluding mailbox wait).",
+			Buckets: buckets,
+		}, []string{"stage", "direction"}),
+		wait: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "ztgo_stage_queue_seconds",
+			Help:    "Time a connection waits in a stage's mailbox before a worker takes it.",
+			Buckets: buckets,
+		}, []string{"stage", "direction"}),
+		recent: make([]Record, size),
+		size:   size,
+	}
+	if reg != nil {
+		if err := reg.Register(r.hist); err != nil {
+			return nil, err
+		}
+		if err := reg.Register(r.wait); err != nil {
+			return nil, err
+		}
+	}
+	return r, nil
+}
+
+// Finish observes rec's stages and keeps it in the rings. rec is copied.
+func (r *Recorder) Finish(rec *Record) {
+	for _, s := range rec.Spans() {
+		if s.End.IsZero() || s.Start.IsZero() {
+			continue
+		}
+		r.hist.WithLabelValues(s.Stage, rec.Direction).Observe(s.Work().Seconds())
+		r.wait.WithLabelValues(s.Stage, rec.Direction).Observe(s.Wait().Seconds())
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.recent[r.next] = *rec
+	r.next++
+	if r.next == r.size {
+		r.next, r.full = 0, true
+	}
+	total := rec.Total()
+	if len(r.slowest) < r.size {
+		r.slowest = append(r.slowest, *rec)
+	} else if total > r.slowest[len(r.slowest)-1].Total() {
+		r.slowest[len(r.slowest)-1] = *rec
+	} else {
+		return
+	}
+	sort.Slice(r.slowest, func(i, j int) bool { return r.slowest[i].Total() > r.slowest[j].Total() })
+}
+
+// Recent returns up to n of the latest records, newest first.
+func (r *Recorder) Recent(n int) []Record {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	count := r.next
+	if r.full {
+		count = r.size
+	}
+	n = min(n, count)
+	out := make([]Record, 0, n)
+	for i := 0; i < n; i++ {
+		idx := (r.next - 1 - i + r.size) % r.size
+		out = append(out, r.recent[idx])
+	}
+	return out
+}
+
+// Slowest returns up to n of the slowest records, slowest first.
+func (r *Recorder) Slowest(n int) []Record {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	n = min(n, len(r.slowest))
+	return append([]Record(nil), r.slowest[:n]...)
+}

@@ -1,0 +1,421 @@
+// Package stages is the contract of ztgo's connection pipeline: the Flow that moves from stage
+// to stage, the Stage interface, and the Pipeline that runs each stage as an actor.
+//
+// # Order
+//
+// Outbound (SOCKS5 today, 15001 capture later):
+//
+//	capture  -> identity -> hbone     (mesh destination: CONNECT on a pooled mTLS connection)
+//	                     -> upstream  (plain TCP: passthrough or a non-HBONE workload)
+//
+// Inbound HBONE (each CONNECT stream of a 15008 connection):
+//
+//	capture  -> identity (authority -> local workload) -> authz -> upstream (dial the app, 200)
+//
+// A stage may change the rest of the plan (identity picks hbone or upstream). Once the last
+// stage is done the flow is established and the relay owns both ends.
+//
+// # Actors
+//
+// Each stage owns a bounded mailbox and a fixed set of workers. Submitting to a full mailbox
+// blocks the submitter (accept slows down) and counts a backpressure event; TrySubmit fails
+// instead, for callers that must not block (an HTTP/2 read loop answers 503). Each hop is timed
+// into the flow's trace record: queued, started, done.
+//
+// # Ownership
+//
+// A stage that returns Stop has finished the flow: it recorded Failure and Err. The pipeline
+// then calls the flow's Finish hook, which closes both ends. A stage never closes Down or Up
+// itself on Stop; on Next it hands them on untouched. Stages do not read or write stream bytes,
+// except the capture stage's SOCKS5 handshake and the hbone stage's framing.
+package stages
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/ztgo/ztgo/control/snapshot"
+	"github.com/ztgo/ztgo/runtime/trace"
+	"github.com/ztgo/ztgo/stages/authz"
+	"github.com/ztgo/ztgo/stages/hbone"
+	"github.com/ztgo/ztgo/stages/identity"
+	"github.com/ztgo/ztgo/tls/spiffe"
+)
+
+// Direction of a flow, as ztunnel reports it.
+type Direction uint8
+
+const (
+	Outbound Direction = iota
+	Inbound
+	InboundPlain
+)
+
+func (d Direction) String() string {
+	switch d {
+	case Inbound:
+		return "inbound"
+	case InboundPlain:
+		return "inbound_plaintext"
+	default:
+		return "outbound"
+	}
+}
+
+// Reporter is the Istio metric reporter label for the direction.
+func (d Direction) Reporter() string {
+	if d == Outbound {
+		return "source"
+	}
+	return "destination"
+}
+
+// Failure is why a flow failed. Its String is the response_flags label of Istio's metrics.
+type Failure uint8
+
+const (
+	FailNone Failure = iota
+	FailDeny
+	FailConnect
+	FailTLS
+	FailH2Handshake
+	FailNetworkPolicy
+	FailIdentity
+	FailCertRevoked
+	FailBadRequest
+	FailOverload
+)
+
+var failureNames = [...]string{"-", "DENY", "CONNECT", "TLS_FAILURE", "H2_HANDSHAKE_FAILURE", "NETWORK_POLICY", "IDENTITY_ERROR", "CERT_REVOKED", "BAD_REQUEST", "OVERLOAD"}
+
+func (f Failure) String() string {
+	if int(f) < len(failureNames) {
+		return failureNames[f]
+	}
+	return "UNKNOWN"
+}
+
+// ID names a stage.
+type ID uint8
+
+const (
+	Capture ID = iota
+	Identity
+	Authz
+	HBONE
+	Upstream
+	numStages
+)
+
+var stageNames = [numStages]string{"capture", "identity", "authz", "hbone", "upstream"}
+
+func (id ID) String() string { return stageNames[id] }
+
+// HalfCloser is a byte stream whose write side can be closed on its own (TCP, HBONE stream).
+type HalfCloser interface {
+	io.ReadWriteCloser
+	CloseWrite() error
+}
+
+// Flow is one proxied connection on its way through the stages. It is owned by exactly one
+// goroutine at a time: the stage worker that holds it, then the relay.
+type Flow struct {
+	ID  uint64
+	Dir Direction
+	// Snap is the snapshot loaded once when the flow was created; every decision uses it.
+	Snap *snapshot.Snapshot
+
+	// Src is the client's address; Dst the original destination (outbound) or the CONNECT
+	// target (inbound).
+	Src netip.AddrPort
+	Dst netip.AddrPort
+	// Local is the address the flow arrived on (a workload's HBONE address, inbound).
+	Local netip.AddrPort
+
+	SrcWorkload *snapshot.Workload
+	SrcIdentity spiffe.ID
+	DstWorkload *snapshot.Workload
+	DstService  *snapshot.Service
+	DstIdentity spiffe.ID
+
+	Route    identity.Route
+	Decision authz.Decision
+
+	// Down is the client side: the app's TCP connection (outbound, plaintext) or the CONNECT
+	// stream (inbound HBONE, then DownStream is set too).
+	Down       HalfCloser
+	DownStream *hbone.Stream
+	// Up is the server side, set by the last stage.
+	Up HalfCloser
+	// UpAddr is the address Up is connected to; HBONEAddr the CONNECT target, if any.
+	UpAddr    netip.AddrPort
+	HBONEAddr netip.AddrPort
+
+	// Request carries the CONNECT metadata (inbound) or what to send (outbound).
+	TraceParent string
+	Baggage     hbone.Baggage
+
+	Failure Failure
+	Err     error
+
+	Trace trace.Record
+
+	plan        [numStages]ID
+	nplan, step int
+
+	// BytesSent counts bytes towards the server (Down -> Up); BytesRecv the other way.
+	BytesSent, BytesRecv atomic.Int64
+}
+
+// SetPlan sets the stages the flow will go through, starting now.
+func (f *Flow) SetPlan(ids ...ID) {
+	f.nplan = copy(f.plan[:], ids)
+	f.step = 0
+}
+
+// ReplaceRest replaces the stages after the current one.
+func (f *Flow) ReplaceRest(ids ...ID) {
+	f.nplan = f.step + 1 + copy(f.plan[f.step+1:], ids)
+}
+
+// Fail records why the flow failed; the stage then returns Stop.
+func (f *Flow) Fail(kind Failure, err error) Verdict {
+	f.Failure, f.Err = kind, err
+	return Stop
+}
+
+// Verdict is what a stage decided for a flow.
+type Verdict uint8
+
+const (
+	// Next hands the flow to the next stage of its plan (or to the relay after the last).
+	Next Verdict = iota
+	// Stop ends the flow: the stage recorded why with Fail.
+	Stop
+)
+
+// Stage is one step of the pipeline. Handle may block (dials, handshakes): it runs on the
+// stage's workers, never on an event loop.
+type Stage interface {
+	Handle(ctx context.Context, f *Flow) Verdict
+}
+
+// StageFunc adapts a function to Stage.
+type StageFunc func(ctx context.Context, f *Flow) Verdict
+
+func (fn StageFunc) Handle(ctx context.Context, f *Flow) Verdict { return fn(ctx, f) }
+
+// StageConfig sets a stage's actor: its handler, workers and mailbox size.
+type StageConfig struct {
+	Stage   Stage
+	Workers int
+	Mailbox int
+}
+
+// Hooks are what the pipeline calls when a flow leaves it.
+type Hooks struct {
+	// Established is called (on the last stage's worker) with a flow whose Up is set; it must
+	// hand the flow to the relay and return quickly.
+	Established func(f *Flow)
+	// Failed is called with a flow a stage stopped; it must close the flow's ends.
+	Failed func(f *Flow)
+}
+
+// Pipeline runs the stages as actors.
+type Pipeline struct {
+	actors [numStages]*actor
+	hooks  Hooks
+	nextID atomic.Uint64
+	m      *pipelineMetrics
+	wg     sync.WaitGroup
+	cancel context.CancelFunc
+}
+
+type actor struct {
+	id      ID
+	stage   Stage
+	workers int
+	mailbox chan *Flow
+}
+
+type pipelineMetrics struct {
+	depth        *prometheus.GaugeVec
+	backpressure *prometheus.CounterVec
+	rejected     *prometheus.CounterVec
+}
+
+// ErrOverloaded is returned by TrySubmit when the first stage's mailbox is full.
+var ErrOverloaded = errors.New("stages: mailbox full")
+
+// NewPipeline builds the actors; Start runs them. Every stage ID must be configured.
+func NewPipeline(cfgs map[ID]StageConfig, hooks Hooks, reg prometheus.Registerer) (*Pipeline, error) {
+	if hooks.Established == nil || hooks.Failed == nil {
+		return nil, errors.New("stages: both hooks are required")
+	}
+	p := &Pipeline{hooks: hooks, m: &pipelineMetrics{
+		depth: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "ztgo_stage_mailbox_depth", Help: "Flows waiting in each stage's mailbox.",
+		}, []string{"stage"}),
+		backpressure: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "ztgo_stage_backpressure_total", Help: "Submissions that found a stage's mailbox full and had to wait.",
+		}, []string{"stage"}),
+		rejected: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "ztgo_stage_rejected_total", Help: "Flows refused because a stage's mailbox was full (callers that cannot wait).",
+		}, []string{"stage"}),
+	}}
+	for id := ID(0); id < numStages; id++ {
+		c, ok := cfgs[id]
+		if !ok || c.Stage == nil {
+			return nil, fmt.Errorf("stages: stage %s not configured", id)
+		}
+		if c.Workers <= 0 {
+			c.Workers = 16
+		}
+		if c.Mailbox <= 0 {
+			c.Mailbox = 1024
+		}
+		p.actors[id] = &actor{id: id, stage: c.Stage, workers: c.Workers, mailbox: make(chan *Flow, c.Mailbox)}
+	}
+	if reg != nil {
+		for _, c := range []prometheus.Collector{p.m.depth, p.m.backpressure, p.m.rejected} {
+			if err := reg.Register(c); err != nil {
+				return nil, fmt.Errorf("register pipeline metrics: %w", err)
+			}
+		}
+	}
+	return p, nil
+}
+
+// Start runs every stage's workers until Stop.
+func (p *Pipeline) Start() {
+	ctx, cancel := context.WithCancel(context.Background())
+	p.cancel = cancel
+	for _, a := range p.actors {
+		for i := 0; i < a.workers; i++ {
+			p.wg.Add(1)
+			go p.work(ctx, a)
+		}
+	}
+}
+
+// Stop ends the workers after the flows they hold; flows still queued are failed.
+func (p *Pipeline) Stop() {
+	if p.cancel == nil {
+		return
+	}
+	p.cancel()
+	p.wg.Wait()
+	for _, a := range p.actors {
+		for {
+			select {
+			case f := <-a.mailbox:
+				f.Fail(FailOverload, errors.New("proxy shutting down"))
+				p.hooks.Failed(f)
+				continue
+			default:
+			}
+			break
+		}
+	}
+}
+
+// NewFlow returns a flow with a fresh id and the given plan, bound to snap.
+func (p *Pipeline) NewFlow(dir Direction, snap *snapshot.Snapshot, plan ...ID) *Flow {
+	f := &Flow{ID: p.nextID.Add(1), Dir: dir, Snap: snap}
+	f.SetPlan(plan...)
+	f.Trace.ID = f.ID
+	f.Trace.Direction = dir.String()
+	f.Trace.Begin = time.Now()
+	return f
+}
+
+// Submit queues f for the first stage of its plan, waiting while the mailbox is full.
+func (p *Pipeline) Submit(ctx context.Context, f *Flow) error {
+	a := p.actors[f.plan[f.step]]
+	f.Trace.Enter(a.id.String(), time.Now())
+	select {
+	case a.mailbox <- f:
+		return nil
+	default:
+	}
+	p.m.backpressure.WithLabelValues(a.id.String()).Inc()
+	select {
+	case a.mailbox <- f:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// TrySubmit queues f without waiting; it fails with ErrOverloaded when the mailbox is full.
+func (p *Pipeline) TrySubmit(f *Flow) error {
+	a := p.actors[f.plan[f.step]]
+	f.Trace.Enter(a.id.String(), time.Now())
+	select {
+	case a.mailbox <- f:
+		return nil
+	default:
+		p.m.rejected.WithLabelValues(a.id.String()).Inc()
+		return ErrOverloaded
+	}
+}
+
+func (p *Pipeline) work(ctx context.Context, a *actor) {
+	defer p.wg.Done()
+	name := a.id.String()
+	depth := p.m.depth.WithLabelValues(name)
+	for {
+		var f *Flow
+		select {
+		case <-ctx.Done():
+			return
+		case f = <-a.mailbox:
+		}
+		depth.Set(float64(len(a.mailbox)))
+		f.Trace.StartStage(time.Now())
+		v := a.stage.Handle(ctx, f)
+		now := time.Now()
+		f.Trace.Leave(now)
+		if v == Stop {
+			f.Trace.Outcome = f.Failure.String()
+			p.hooks.Failed(f)
+			continue
+		}
+		f.step++
+		if f.step >= f.nplan {
+			f.Trace.Established = now
+			f.Trace.Outcome = "established"
+			p.hooks.Established(f)
+			continue
+		}
+		next := p.actors[f.plan[f.step]]
+		f.Trace.Enter(next.id.String(), now)
+		select {
+		case next.mailbox <- f:
+		default:
+			p.m.backpressure.WithLabelValues(next.id.String()).Inc()
+			select {
+			case next.mailbox <- f:
+			case <-ctx.Done():
+				f.Fail(FailOverload, errors.New("proxy shutting down"))
+				p.hooks.Failed(f)
+				return
+			}
+		}
+	}
+}
+
+// TCPHalfCloser returns c as a HalfCloser when it supports CloseWrite.
+func TCPHalfCloser(c net.Conn) (HalfCloser, bool) {
+	h, ok := c.(HalfCloser)
+	return h, ok
+}
