@@ -230,6 +230,9 @@ func (n *Node) Store() *snapshot.Store { return n.store }
 // Registry is the node's metrics registry.
 func (n *Node) Registry() *prometheus.Registry { return n.reg }
 
+// Pool is the node's HBONE connection pool.
+func (n *Node) Pool() *connpool.Pool { return n.pool }
+
 // Recorder holds the node's flow traces.
 func (n *Node) Recorder() *trace.Recorder { return n.rec }
 

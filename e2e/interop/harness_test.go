@@ -1,0 +1,552 @@
+package interop_test
+
+import (
+	"bytes"
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/binary"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"io"
+	"log"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"net/url"
+	"runtime"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"istio.io/istio/pkg/hbone"
+
+	"github.com/ztgo/ztgo/runtime/node"
+	"github.com/ztgo/ztgo/tls/ca"
+	"github.com/ztgo/ztgo/tls/spiffe"
+)
+
+// ioTimeout bounds every network step of a test, so a hang fails instead of blocking go test.
+const ioTimeout = 10 * time.Second
+
+// payloadSize is what every echo test sends (and must get back).
+const payloadSize = 1 << 20
+
+// identity parses a SPIFFE URI or fails the test.
+func identity(t *testing.T, uri string) spiffe.ID {
+	t.Helper()
+	id, err := spiffe.Parse(uri)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return id
+}
+
+// issue has signer sign a fresh ECDSA P-256 key for id (CSR with one URI SAN) and returns the
+// certificate with its chain, without the root bundle, ready for a tls.Config.
+func issue(t *testing.T, signer *ca.Local, id spiffe.ID) tls.Certificate {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	u, err := url.Parse(id.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	csr, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{URIs: []*url.URL{u}}, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	chain, err := signer.Sign(context.Background(), pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: csr}), id, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(chain) < 2 {
+		t.Fatalf("CA returned %d PEM elements, want leaf + roots", len(chain))
+	}
+	var cert tls.Certificate
+	for _, p := range chain[:len(chain)-1] { // the last element is the root bundle
+		b, _ := pem.Decode([]byte(p))
+		if b == nil {
+			t.Fatalf("CA returned a non-PEM element %q", p)
+		}
+		cert.Certificate = append(cert.Certificate, b.Bytes)
+	}
+	cert.PrivateKey = key
+	return cert
+}
+
+// rootPool is the pool of signer's trust anchors.
+func rootPool(signer *ca.Local) *x509.CertPool {
+	p := x509.NewCertPool()
+	for _, r := range signer.RootCerts() {
+		p.AddCert(r)
+	}
+	return p
+}
+
+// verifyPeer checks a peer chain against roots for usage and that its leaf carries wantURI
+// among its URI SANs. Mesh certificates have no DNS names, so Go's hostname check cannot be
+// used: the configs below set InsecureSkipVerify and call this from VerifyConnection.
+func verifyPeer(cs tls.ConnectionState, roots *x509.CertPool, usage x509.ExtKeyUsage, wantURI string) error {
+	if len(cs.PeerCertificates) == 0 {
+		return errors.New("peer presented no certificate")
+	}
+	leaf := cs.PeerCertificates[0]
+	inter := x509.NewCertPool()
+	for _, c := range cs.PeerCertificates[1:] {
+		inter.AddCert(c)
+	}
+	if _, err := leaf.Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{usage}}); err != nil {
+		return fmt.Errorf("peer chain: %w", err)
+	}
+	var got []string
+	for _, u := range leaf.URIs {
+		if u.String() == wantURI {
+			return nil
+		}
+		got = append(got, u.String())
+	}
+	return fmt.Errorf("peer identity is %v, want %s", got, wantURI)
+}
+
+// istioClientTLS is the TLS config handed to Istio's hbone.NewDialer: it presents cert and
+// accepts only a server chaining to roots whose URI SAN is wantServer.
+func istioClientTLS(cert tls.Certificate, roots *x509.CertPool, wantServer string) *tls.Config {
+	return &tls.Config{
+		Certificates:       []tls.Certificate{cert},
+		NextProtos:         []string{"h2"},
+		MinVersion:         tls.VersionTLS12,
+		InsecureSkipVerify: true, // the chain and URI SAN are checked in VerifyConnection
+		VerifyConnection: func(cs tls.ConnectionState) error {
+			return verifyPeer(cs, roots, x509.ExtKeyUsageServerAuth, wantServer)
+		},
+	}
+}
+
+// istioDial connects to target through Istio's HBONE dialer. The dialer ignores contexts, so a
+// hang is turned into an error here (its goroutine is abandoned, the test fails anyway).
+func istioDial(proxyAddr, target string, tcfg *tls.Config) (net.Conn, error) {
+	d := hbone.NewDialer(hbone.Config{ProxyAddress: proxyAddr, TLS: tcfg})
+	type result struct {
+		c   net.Conn
+		err error
+	}
+	ch := make(chan result, 1)
+	go func() {
+		c, err := d.DialContext(context.Background(), "tcp", target)
+		ch <- result{c, err}
+	}()
+	select {
+	case r := <-ch:
+		return r.c, r.err
+	case <-time.After(ioTimeout):
+		return nil, fmt.Errorf("istio hbone dial %s via %s: no answer in %v", target, proxyAddr, ioTimeout)
+	}
+}
+
+// payload returns n random bytes and their SHA-256.
+func payload(t *testing.T, n int) ([]byte, [32]byte) {
+	t.Helper()
+	b := make([]byte, n)
+	if _, err := rand.Read(b); err != nil {
+		t.Fatal(err)
+	}
+	return b, sha256.Sum256(b)
+}
+
+// echoResult is what the echo app saw on one connection.
+type echoResult struct {
+	remote netip.AddrPort
+	n      int64
+	sum    [32]byte
+	err    error // nil when the client half-closed (EOF) cleanly
+}
+
+// echoApp is the workload's application: it writes back everything it reads, and on EOF
+// reports the count and SHA-256 of what it received, then closes.
+type echoApp struct {
+	ln      net.Listener
+	results chan echoResult
+	wg      sync.WaitGroup
+}
+
+func startEcho(t *testing.T, addr string) *echoApp {
+	t.Helper()
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := &echoApp{ln: ln, results: make(chan echoResult, 64)}
+	a.wg.Add(1)
+	go func() {
+		defer a.wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			a.wg.Add(1)
+			go func() {
+				defer a.wg.Done()
+				a.serve(c.(*net.TCPConn))
+			}()
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		a.wg.Wait()
+	})
+	return a
+}
+
+func (a *echoApp) serve(c *net.TCPConn) {
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(ioTimeout))
+	h := sha256.New()
+	buf := make([]byte, 32<<10)
+	res := echoResult{remote: c.RemoteAddr().(*net.TCPAddr).AddrPort()}
+	for {
+		n, err := c.Read(buf)
+		if n > 0 {
+			h.Write(buf[:n])
+			res.n += int64(n)
+			if _, werr := c.Write(buf[:n]); werr != nil {
+				res.err = werr
+				break
+			}
+		}
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			res.err = err
+			break
+		}
+	}
+	copy(res.sum[:], h.Sum(nil))
+	a.results <- res
+}
+
+// next waits for the report of the next connection that ended.
+func (a *echoApp) next(t *testing.T) echoResult {
+	t.Helper()
+	select {
+	case r := <-a.results:
+		return r
+	case <-time.After(ioTimeout):
+		t.Fatal("the echo app saw no connection end")
+		return echoResult{}
+	}
+}
+
+// none asserts that the echo app has not seen a connection end.
+func (a *echoApp) none(t *testing.T) {
+	t.Helper()
+	select {
+	case r := <-a.results:
+		t.Errorf("the echo app got a connection from %s (%d bytes), want none", r.remote, r.n)
+	default:
+	}
+}
+
+// drain forgets connections reported so far (left over from an earlier subtest).
+func (a *echoApp) drain() {
+	for {
+		select {
+		case <-a.results:
+		default:
+			return
+		}
+	}
+}
+
+// checkEchoed asserts the app received exactly the payload with a clean EOF.
+func checkEchoed(t *testing.T, r echoResult, sum [32]byte) {
+	t.Helper()
+	if r.err != nil {
+		t.Errorf("app side: connection ended with %v, want a clean EOF", r.err)
+	}
+	if r.n != payloadSize || r.sum != sum {
+		t.Errorf("app side: received %d bytes sha256 %x, want %d bytes sha256 %x", r.n, r.sum, payloadSize, sum)
+	}
+}
+
+// exchange writes data on c while reading len(data) bytes back, then returns what came back.
+// It does not rely on half-close, which Istio's dialer connection (a net.Pipe) cannot do.
+func exchange(t *testing.T, c net.Conn, data []byte) []byte {
+	t.Helper()
+	c.SetDeadline(time.Now().Add(ioTimeout))
+	werr := make(chan error, 1)
+	go func() {
+		_, err := c.Write(data)
+		werr <- err
+	}()
+	got := make([]byte, len(data))
+	n, rerr := io.ReadFull(c, got)
+	if err := <-werr; err != nil {
+		t.Fatalf("write through the tunnel: %v", err)
+	}
+	if rerr != nil {
+		t.Fatalf("read through the tunnel: %v after %d of %d bytes", rerr, n, len(data))
+	}
+	return got
+}
+
+// socksConnect opens a flow through a ztgo SOCKS5 entry from srcIP to dst, writing the three
+// SOCKS5 messages by hand. It returns the connection (nil unless the reply is 0) and the
+// reply code.
+func socksConnect(socksAddr string, srcIP netip.Addr, dst netip.AddrPort) (*net.TCPConn, byte, error) {
+	d := net.Dialer{LocalAddr: net.TCPAddrFromAddrPort(netip.AddrPortFrom(srcIP, 0)), Timeout: ioTimeout}
+	nc, err := d.Dial("tcp", socksAddr)
+	if err != nil {
+		return nil, 0, err
+	}
+	c := nc.(*net.TCPConn)
+	c.SetDeadline(time.Now().Add(ioTimeout))
+	fail := func(err error) (*net.TCPConn, byte, error) {
+		c.Close()
+		return nil, 0, err
+	}
+	if _, err := c.Write([]byte{5, 1, 0}); err != nil { // version 5, one method: no auth
+		return fail(err)
+	}
+	var sel [2]byte
+	if _, err := io.ReadFull(c, sel[:]); err != nil {
+		return fail(fmt.Errorf("socks5 method selection: %w", err))
+	}
+	if sel != [2]byte{5, 0} {
+		return fail(fmt.Errorf("socks5 method selection %v, want [5 0]", sel))
+	}
+	if !dst.Addr().Is4() {
+		return fail(errors.New("socksConnect: IPv4 only"))
+	}
+	req := []byte{5, 1, 0, 1} // CONNECT, IPv4
+	ip := dst.Addr().As4()
+	req = append(req, ip[:]...)
+	req = binary.BigEndian.AppendUint16(req, dst.Port())
+	if _, err := c.Write(req); err != nil {
+		return fail(err)
+	}
+	var hdr [4]byte
+	if _, err := io.ReadFull(c, hdr[:]); err != nil {
+		return fail(fmt.Errorf("socks5 reply: %w", err))
+	}
+	if hdr[0] != 5 {
+		return fail(fmt.Errorf("socks5 reply version %d", hdr[0]))
+	}
+	rep := hdr[1]
+	var alen int
+	switch hdr[3] {
+	case 1:
+		alen = 4
+	case 4:
+		alen = 16
+	default:
+		return fail(fmt.Errorf("socks5 reply address type %d", hdr[3]))
+	}
+	if _, err := io.ReadFull(c, make([]byte, alen+2)); err != nil {
+		return fail(fmt.Errorf("socks5 reply address: %w", err))
+	}
+	if rep != 0 {
+		c.Close()
+		return nil, rep, nil
+	}
+	c.SetDeadline(time.Time{})
+	return c, rep, nil
+}
+
+// tlsRefusal connects to addr with plain crypto/tls and tcfg, and returns the error that
+// ends the connection before any HTTP/2 frame arrives. With TLS 1.3 the client finishes its
+// handshake before the server has checked the client certificate, so a server that refuses
+// the certificate shows up as an alert on the first read ("remote error: tls: ..."). A server
+// that accepted it would send its HTTP/2 SETTINGS instead, and tlsRefusal returns nil.
+func tlsRefusal(addr string, tcfg *tls.Config) error {
+	nc, err := net.DialTimeout("tcp", addr, ioTimeout)
+	if err != nil {
+		return err
+	}
+	defer nc.Close()
+	nc.SetDeadline(time.Now().Add(ioTimeout))
+	c := tls.Client(nc, tcfg)
+	if err := c.Handshake(); err != nil {
+		return err
+	}
+	// Send the HTTP/2 client preface and an empty SETTINGS frame, then wait for the server.
+	preface := append([]byte("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), 0, 0, 0, 4, 0, 0, 0, 0, 0)
+	if _, err := c.Write(preface); err != nil {
+		return err
+	}
+	var b [1]byte
+	if _, err := c.Read(b[:]); err != nil {
+		return err
+	}
+	return nil
+}
+
+// startNode runs a ztgo node in loopback mode and stops it when the test ends.
+func startNode(t *testing.T, name, caDir, config string) *node.Node {
+	t.Helper()
+	n, err := node.New(node.Config{
+		Name:          name,
+		ConfigInline:  config,
+		CADir:         caDir,
+		SOCKS5Addr:    "127.30.0.1:0",
+		AdminAddr:     "",
+		MetricsAddr:   "",
+		ReadinessAddr: "",
+		DrainTimeout:  time.Second,
+		Logger:        slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelDebug})).With("node", name),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := n.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	stopped := false
+	stop := func() {
+		if !stopped {
+			stopped = true
+			ctx, cancel := context.WithTimeout(context.Background(), ioTimeout)
+			defer cancel()
+			if err := n.Stop(ctx); err != nil {
+				t.Errorf("stop node %s: %v", name, err)
+			}
+		}
+	}
+	t.Cleanup(stop)
+	return n
+}
+
+// waitListening waits until addr accepts TCP connections (a node opens its inbound listeners
+// in Start, so this is normally immediate).
+func waitListening(t *testing.T, addr string) {
+	t.Helper()
+	deadline := time.Now().Add(ioTimeout)
+	for {
+		c, err := net.DialTimeout("tcp", addr, time.Second)
+		if err == nil {
+			c.Close()
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s is not listening: %v", addr, err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// istioServer is Istio's own HBONE server (hbone.NewServer) served over mTLS the way Istio's
+// echo test server does it: tls.NewListener with NextProtos ["h2"] and http.Server.Serve.
+// Each CONNECT's TLS peer identity, :authority and headers are recorded before Istio's handler
+// runs.
+type istioServer struct {
+	srv  *http.Server
+	done chan struct{}
+
+	mu       sync.Mutex
+	requests []istioRequest
+}
+
+type istioRequest struct {
+	proto     string
+	peerURIs  []string
+	authority string
+	header    http.Header
+}
+
+func startIstioServer(t *testing.T, addr string, cert tls.Certificate, clientRoots *x509.CertPool) *istioServer {
+	t.Helper()
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tcfg := &tls.Config{
+		Certificates: []tls.Certificate{cert},
+		NextProtos:   []string{"h2"},
+		ClientAuth:   tls.RequireAndVerifyClientCert,
+		ClientCAs:    clientRoots,
+		MinVersion:   tls.VersionTLS12,
+	}
+	s := &istioServer{srv: hbone.NewServer(), done: make(chan struct{})}
+	inner := s.srv.Handler
+	s.srv.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		req := istioRequest{proto: r.Proto, authority: r.Host, header: r.Header.Clone()}
+		if r.TLS != nil && len(r.TLS.PeerCertificates) > 0 {
+			for _, u := range r.TLS.PeerCertificates[0].URIs {
+				req.peerURIs = append(req.peerURIs, u.String())
+			}
+		}
+		s.mu.Lock()
+		s.requests = append(s.requests, req)
+		s.mu.Unlock()
+		inner.ServeHTTP(w, r)
+	})
+	s.srv.ErrorLog = log.New(t.Output(), "istio-server "+addr+": ", 0)
+	go func() {
+		defer close(s.done)
+		s.srv.Serve(tls.NewListener(ln, tcfg))
+	}()
+	t.Cleanup(s.close)
+	return s
+}
+
+func (s *istioServer) close() {
+	s.srv.Close()
+	<-s.done
+}
+
+func (s *istioServer) seen() []istioRequest {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]istioRequest(nil), s.requests...)
+}
+
+// ztgoGoroutines returns the stacks of live goroutines that run code of ztgo's own packages
+// (this test package excluded).
+func ztgoGoroutines() []string {
+	buf := make([]byte, 4<<20)
+	buf = buf[:runtime.Stack(buf, true)]
+	var out []string
+	for _, g := range bytes.Split(buf, []byte("\n\n")) {
+		for _, line := range strings.Split(string(g), "\n") {
+			if strings.Contains(line, "github.com/ztgo/ztgo/") && !strings.Contains(line, "github.com/ztgo/ztgo/e2e/") {
+				out = append(out, string(g))
+				break
+			}
+		}
+	}
+	return out
+}
+
+// checkNoZtgoGoroutines registers, as the test's last cleanup, a check that no goroutine of
+// ztgo's packages outlives the test (nodes are stopped by earlier-running cleanups).
+func checkNoZtgoGoroutines(t *testing.T) {
+	t.Helper()
+	if g := ztgoGoroutines(); len(g) > 0 {
+		t.Fatalf("%d ztgo goroutines are running before the test started, first:\n%s", len(g), g[0])
+	}
+	t.Cleanup(func() {
+		deadline := time.Now().Add(3 * time.Second)
+		for {
+			g := ztgoGoroutines()
+			if len(g) == 0 {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Errorf("%d ztgo goroutines outlived the test, first:\n%s", len(g), g[0])
+				return
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	})
+}
