@@ -152,7 +152,7 @@ func InboundOn(snap *snapshot.Snapshot, network string, localIP netip.Addr, auth
 	// Deliver to the local IP; only the port comes from the authority (ztunnel's
 	// find_inbound_upstream).
 	out := InboundTarget{Workload: local}
-	port := auth.Port
+	var port uint16
 	if auth.IsAddr() {
 		port = auth.Addr.Port()
 	} else {
