@@ -44,7 +44,6 @@ fuzz:
 	@for spec in \
 		./tls/spiffe:FuzzParse \
 		./stages/capture:FuzzHandshake \
-		./stages/hbone:FuzzParseAuthority \
 		./stages/hbone:FuzzParseBaggage \
 		./control/localfile:FuzzParse \
 		./stages/identity:FuzzParseAuthority ; do \

@@ -2,11 +2,9 @@ package hbone
 
 import (
 	"encoding/hex"
-	"errors"
 	"fmt"
 	"math/rand/v2"
 	"net/netip"
-	"strconv"
 	"strings"
 
 	"golang.org/x/net/http2/hpack"
@@ -169,55 +167,6 @@ func NewTraceParent(r *rand.Rand) string {
 	hex.Encode(out[36:52], b[16:])
 	copy(out[52:], "-00")
 	return string(out[:])
-}
-
-var errAuthority = errors.New("authority is not host:port")
-
-// ParseAuthority splits a CONNECT authority into host and port. The host is an IP address when
-// ip is valid; otherwise it is a hostname.
-func ParseAuthority(a string) (host string, ip netip.Addr, port uint16, err error) {
-	i := strings.LastIndexByte(a, ':')
-	if i <= 0 || i == len(a)-1 {
-		return "", netip.Addr{}, 0, fmt.Errorf("parse authority %q: %w", a, errAuthority)
-	}
-	host, ps := a[:i], a[i+1:]
-	p, perr := strconv.ParseUint(ps, 10, 16)
-	if perr != nil || p == 0 {
-		return "", netip.Addr{}, 0, fmt.Errorf("parse authority %q: bad port", a)
-	}
-	if strings.HasPrefix(host, "[") {
-		if !strings.HasSuffix(host, "]") {
-			return "", netip.Addr{}, 0, fmt.Errorf("parse authority %q: %w", a, errAuthority)
-		}
-		ip, err = netip.ParseAddr(host[1 : len(host)-1])
-		if err != nil || !ip.Is6() || ip.Zone() != "" {
-			return "", netip.Addr{}, 0, fmt.Errorf("parse authority %q: bad IPv6 address", a)
-		}
-		return host[1 : len(host)-1], ip, uint16(p), nil
-	}
-	if strings.Contains(host, ":") {
-		return "", netip.Addr{}, 0, fmt.Errorf("parse authority %q: IPv6 address must be bracketed", a)
-	}
-	if ip, err = netip.ParseAddr(host); err == nil {
-		return host, ip, uint16(p), nil
-	}
-	if !validHostname(host) {
-		return "", netip.Addr{}, 0, fmt.Errorf("parse authority %q: bad hostname", a)
-	}
-	return host, netip.Addr{}, uint16(p), nil
-}
-
-func validHostname(h string) bool {
-	if h == "" || len(h) > 253 {
-		return false
-	}
-	for i := 0; i < len(h); i++ {
-		c := h[i]
-		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '.' || c == '_') {
-			return false
-		}
-	}
-	return true
 }
 
 func hpackField(name, value string) hpack.HeaderField {
