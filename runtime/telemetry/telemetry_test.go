@@ -1,0 +1,84 @@
+package telemetry
+
+import (
+	"bytes"
+	"errors"
+	"log/slog"
+	"net/netip"
+	"strings"
+	"testing"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/ztgo/ztgo/control/snapshot"
+	"github.com/ztgo/ztgo/stages"
+	"github.com/ztgo/ztgo/stages/identity"
+)
+
+func flow() *stages.Flow {
+	src := &snapshot.Workload{Name: "client-7d9", WorkloadName: "client", Namespace: "default", TrustDomain: "cluster.local",
+		ServiceAccount: "client", CanonicalName: "client", CanonicalRevision: "v1", ClusterID: "Kubernetes"}
+	dst := &snapshot.Workload{Name: "echo-1", Namespace: "prod", TrustDomain: "cluster.local", ServiceAccount: "echo", ClusterID: "Kubernetes"}
+	f := &stages.Flow{Dir: stages.Outbound, SrcWorkload: src, DstWorkload: dst, SrcIdentity: src.Identity(), DstIdentity: dst.Identity(),
+		DstService: &snapshot.Service{Name: "echo", Namespace: "prod", Hostname: "echo.prod.svc.cluster.local"},
+		Src:        netip.MustParseAddrPort("10.0.0.1:5555"), UpAddr: netip.MustParseAddrPort("10.0.0.2:15008"),
+		HBONEAddr: netip.MustParseAddrPort("10.0.0.2:8080")}
+	f.Route.Kind = identity.HBONE
+	return f
+}
+
+func TestLabels(t *testing.T) {
+	l := Labels(flow())
+	want := map[string]string{
+		"reporter": "source", "source_workload": "client", "source_workload_namespace": "default",
+		"source_principal": "spiffe://cluster.local/ns/default/sa/client", "source_canonical_service": "client",
+		"source_canonical_revision": "v1", "source_cluster": "Kubernetes", "destination_workload": "echo-1",
+		"destination_service": "echo.prod.svc.cluster.local", "destination_service_name": "echo",
+		"destination_service_namespace": "prod", "destination_canonical_service": "unknown",
+		"connection_security_policy": "mutual_tls", "request_protocol": "tcp", "response_flags": "-",
+	}
+	for k, v := range want {
+		if l[k] != v {
+			t.Errorf("%s = %q, want %q", k, l[k], v)
+		}
+	}
+	if len(l) != len(labelNames) {
+		t.Fatalf("%d labels, want %d", len(l), len(labelNames))
+	}
+}
+
+func TestOpenedClosedFailed(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	m, err := NewMetrics(reg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var logs bytes.Buffer
+	tel := New(m, slog.New(slog.NewTextHandler(&logs, nil)))
+	f := flow()
+	tel.Opened(f)
+	if got := testutil.ToFloat64(m.open.WithLabelValues("source")); got != 1 {
+		t.Fatalf("sockets open = %v", got)
+	}
+	f.BytesSent.Add(100)
+	f.BytesRecv.Add(7)
+	tel.Closed(f, nil)
+	l := Labels(f)
+	if testutil.ToFloat64(m.received.With(l)) != 100 || testutil.ToFloat64(m.sent.With(l)) != 7 || testutil.ToFloat64(m.closed.With(l)) != 1 {
+		t.Fatal("bytes or closed counters wrong")
+	}
+	f2 := flow()
+	f2.Fail(stages.FailDeny, errors.New("denied"))
+	tel.Failed(f2)
+	if testutil.ToFloat64(m.failed.With(Labels(f2))) != 1 {
+		t.Fatal("failed not counted with DENY flag")
+	}
+	out := logs.String()
+	for _, want := range []string{`msg="connection complete"`, "src.identity=spiffe://cluster.local/ns/default/sa/client",
+		"dst.hbone_addr=10.0.0.2:8080", "bytes_sent=100", "bytes_recv=7", `msg="connection failed"`, "response_flags=DENY"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("access log lacks %q:\n%s", want, out)
+		}
+	}
+}
