@@ -78,7 +78,9 @@ func (h *Handlers) Stages(workers, mailbox int) map[ID]StageConfig {
 		h.Log = slog.New(slog.DiscardHandler)
 	}
 	return map[ID]StageConfig{
-		Capture:  {Stage: StageFunc(h.capture), Workers: workers, Mailbox: mailbox},
+		// The SOCKS5 handshake waits on the client: many cheap workers so slow clients cannot
+		// hold the stage (each is bounded by HandshakeTimeout).
+		Capture:  {Stage: StageFunc(h.capture), Workers: max(workers*4, 128), Mailbox: mailbox},
 		Identity: {Stage: StageFunc(h.identity), Workers: max(workers/4, 2), Mailbox: mailbox},
 		Authz:    {Stage: StageFunc(h.authz), Workers: max(workers/4, 2), Mailbox: mailbox},
 		HBONE:    {Stage: StageFunc(h.hbone), Workers: workers, Mailbox: mailbox},

@@ -158,6 +158,9 @@ func New(cfg Config) (*Node, error) {
 	build := prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "istio_build", Help: "Istio component build info"}, []string{"component", "tag"})
 	build.WithLabelValues("ztunnel", buildinfo.Version).Set(1)
 	reg.MustRegister(build)
+	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "ztgo_relay_buffers_in_use", Help: "Copy buffers held by flows (bytes in flight; idle flows hold none).",
+	}, func() float64 { return float64(n.relay.BuffersInUse()) }))
 
 	cm, err := localfile.NewMetrics(reg)
 	if err != nil {

@@ -17,6 +17,7 @@ import (
 	"io"
 	"net"
 	"sync"
+	"sync/atomic"
 
 	"github.com/ztgo/ztgo/stages/hbone"
 )
@@ -31,6 +32,7 @@ type Conn interface {
 type Relay struct {
 	bufs    sync.Pool
 	bufSize int
+	inUse   atomic.Int64
 }
 
 // New returns a relay whose copy buffers are bufSize bytes (default 256 KiB).
@@ -42,6 +44,20 @@ func New(bufSize int) *Relay {
 	r.bufs.New = func() any { b := make([]byte, bufSize); return &b }
 	return r
 }
+
+func (r *Relay) getBuf() *[]byte {
+	r.inUse.Add(1)
+	return r.bufs.Get().(*[]byte)
+}
+
+func (r *Relay) putBuf(bp *[]byte) {
+	r.inUse.Add(-1)
+	r.bufs.Put(bp)
+}
+
+// BuffersInUse is the number of copy buffers currently held by flows: bytes in flight, not
+// idle flows.
+func (r *Relay) BuffersInUse() int64 { return r.inUse.Load() }
 
 // Result of a finished flow.
 type Result struct {
@@ -94,18 +110,24 @@ func (r *Relay) pipe(dst, src Conn, c Counter) (int64, error) {
 	case isStream(src):
 		n, err = src.(*hbone.Stream).WriteTo(countWriter{dst, c})
 		c = nil
+	case isStream(dst) && isTCP(src):
+		n, err = r.tcpToStream(dst.(*hbone.Stream), src.(*net.TCPConn), c)
+		c = nil
+		if err == nil {
+			return n, nil // tcpToStream already sent END_STREAM
+		}
 	case isStream(dst):
-		bp := r.bufs.Get().(*[]byte)
+		bp := r.getBuf()
 		n, err = dst.(*hbone.Stream).ReadFromBuffer(countReader{src, c}, *bp)
-		r.bufs.Put(bp)
+		r.putBuf(bp)
 		c = nil
 		if err == nil {
 			return n, nil // ReadFromBuffer already sent END_STREAM
 		}
 	default:
-		bp := r.bufs.Get().(*[]byte)
+		bp := r.getBuf()
 		n, err = io.CopyBuffer(writerOnly{dst}, readerOnly{src}, *bp)
-		r.bufs.Put(bp)
+		r.putBuf(bp)
 	}
 	if c != nil && n > 0 {
 		c.Add(n)
@@ -114,6 +136,55 @@ func (r *Relay) pipe(dst, src Conn, c Counter) (int64, error) {
 		return n, err
 	}
 	return n, dst.CloseWrite()
+}
+
+// tcpToStream copies a TCP socket into an HBONE stream. It takes a buffer from the pool only
+// once the socket is readable, and gives it back before waiting again, so an idle flow holds no
+// buffer at all: memory follows the bytes in flight, not the number of flows.
+func (r *Relay) tcpToStream(dst *hbone.Stream, src *net.TCPConn, c Counter) (int64, error) {
+	rc, err := src.SyscallConn()
+	if err != nil {
+		return 0, err
+	}
+	var total int64
+	for {
+		var bp *[]byte
+		var n int
+		var rerr error
+		err := rc.Read(func(fd uintptr) bool {
+			bp = r.getBuf()
+			n, rerr = readFD(int(fd), *bp)
+			if isAgain(rerr) {
+				r.putBuf(bp)
+				bp = nil
+				return false // wait for readability without holding the buffer
+			}
+			return true
+		})
+		if err == nil {
+			err = rerr
+		}
+		if n > 0 {
+			_, werr := dst.Write((*bp)[:n])
+			total += int64(n)
+			if c != nil {
+				c.Add(int64(n))
+			}
+			if werr != nil {
+				r.putBuf(bp)
+				return total, werr
+			}
+		}
+		if bp != nil {
+			r.putBuf(bp)
+		}
+		if err != nil {
+			return total, err
+		}
+		if n == 0 {
+			return total, dst.CloseWrite()
+		}
+	}
 }
 
 func isTCP(c Conn) bool    { _, ok := c.(*net.TCPConn); return ok }

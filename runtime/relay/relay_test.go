@@ -2,11 +2,15 @@ package relay
 
 import (
 	"bytes"
+	"context"
 	"crypto/sha256"
 	"io"
 	"net"
 	"sync/atomic"
 	"testing"
+	"time"
+
+	"github.com/ztgo/ztgo/stages/hbone"
 )
 
 // tcpPair returns the two ends of a loopback TCP connection.
@@ -75,4 +79,77 @@ func TestAbortOnReset(t *testing.T) {
 	client.Read(buf)
 	<-done
 	client.Close()
+}
+
+// streamPair returns both ends of one HBONE stream over loopback TCP (no TLS).
+func streamPair(t *testing.T) (client, server *hbone.Stream) {
+	t.Helper()
+	a, b := tcpPair(t)
+	srvCh := make(chan *hbone.Stream, 1)
+	sc, err := func() (*hbone.Conn, error) {
+		ch := make(chan *hbone.Conn, 1)
+		errCh := make(chan error, 1)
+		go func() {
+			c, err := hbone.ServeConn(b, hbone.Config{Handler: func(s *hbone.Stream) {
+				go func() { s.Respond(200, nil); srvCh <- s }()
+			}})
+			ch <- c
+			errCh <- err
+		}()
+		cc, err := hbone.NewClientConn(a, hbone.Config{})
+		if err != nil {
+			return nil, err
+		}
+		t.Cleanup(func() { cc.Close() })
+		client, _, err = cc.OpenStream(context.Background(), &hbone.Request{Authority: "10.0.0.1:1"})
+		if err != nil {
+			return nil, err
+		}
+		return <-ch, <-errCh
+	}()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { sc.Close() })
+	return client, <-srvCh
+}
+
+// TestTCPToStreamHoldsNoBufferWhenIdle runs app -> [tcp | relay | stream] -> peer: bytes and
+// half-close arrive, and while the flow is idle the relay holds no copy buffer.
+func TestTCPToStreamHoldsNoBufferWhenIdle(t *testing.T) {
+	app, down := tcpPair(t)
+	up, peer := streamPair(t)
+	r := New(0)
+	done := make(chan Result, 1)
+	go func() { done <- r.Run(down, up, nil, nil) }()
+
+	app.Write([]byte("first"))
+	buf := make([]byte, 5)
+	if _, err := io.ReadFull(peer, buf); err != nil || string(buf) != "first" {
+		t.Fatalf("peer got %q %v", buf, err)
+	}
+	time.Sleep(50 * time.Millisecond) // idle: both directions wait for data
+	if n := r.BuffersInUse(); n != 0 {
+		t.Fatalf("idle flow holds %d buffers", n)
+	}
+	payload := bytes.Repeat([]byte("z"), 3<<20)
+	go func() { app.Write(payload); app.CloseWrite() }()
+	got, err := io.ReadAll(peer)
+	if err != nil || !bytes.Equal(got, payload) {
+		t.Fatalf("peer got %d bytes, %v", len(got), err)
+	}
+	peer.Write([]byte("bye"))
+	peer.CloseWrite()
+	back, _ := io.ReadAll(app)
+	if string(back) != "bye" {
+		t.Fatalf("app got %q", back)
+	}
+	res := <-done
+	if res.Err != nil || res.Sent != int64(5+len(payload)) || res.Recv != 3 {
+		t.Fatalf("result %+v", res)
+	}
+	if n := r.BuffersInUse(); n != 0 {
+		t.Fatalf("finished flow holds %d buffers", n)
+	}
+	peer.Close()
 }
