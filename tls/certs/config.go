@@ -141,14 +141,13 @@ func verifyClient(cs tls.ConnectionState, own *Certificate, now time.Time) error
 	if err := verifyChain(cs.PeerCertificates, own.Roots, x509.ExtKeyUsageClientAuth, now); err != nil {
 		return fmt.Errorf("verify client certificate: %w", err)
 	}
-	// ztunnel's TrustDomainVerifier: any SPIFFE identity of the client in our trust domain.
-	// Which identities may connect is authz's decision, not the handshake's.
+	// ztunnel's TrustDomainVerifier. The identity checked is the one PeerIdentity returns and
+	// authorization uses (the first SPIFFE URI SAN), so a certificate cannot pass with one
+	// identity and be authorized as another. Which identities may connect is authz's decision.
 	leaf := cs.PeerCertificates[0]
 	want := own.Identity.TrustDomain
-	for _, u := range leaf.URIs {
-		if id, err := spiffe.Parse(u.String()); err == nil && id.TrustDomain == want {
-			return nil
-		}
+	if id, ok := firstIdentity(leaf); ok && id.TrustDomain == want {
+		return nil
 	}
 	return fmt.Errorf("verify client trust domain: client is [%s], want trust domain %q of %s", uriSANs(leaf), want, own.Identity)
 }
