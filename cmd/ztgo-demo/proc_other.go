@@ -1,0 +1,8 @@
+//go:build !linux
+
+package main
+
+import "syscall"
+
+// childAttrs: outside Linux the nodes keep the default process attributes.
+func childAttrs() *syscall.SysProcAttr { return nil }
