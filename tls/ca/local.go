@@ -115,6 +115,16 @@ func NewEphemeral(trustDomain string, opts ...Option) (*Local, error) {
 // broken secret mount, and replacing it would silently split the mesh into two trust roots.
 func LoadOrCreate(dir string, opts ...Option) (*Local, error) {
 	o := buildOptions(opts)
+	// Nodes sharing a directory may start together: only one may create the root, and the
+	// others must load what it wrote, so the check and the creation run under a file lock.
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("create ca directory %s: %w", dir, err)
+	}
+	unlock, err := lockDir(dir)
+	if err != nil {
+		return nil, fmt.Errorf("lock ca directory %s: %w", dir, err)
+	}
+	defer unlock()
 	names := []string{CACertFile, CAKeyFile, RootCertFile, CertChainFile}
 	var have, missing []string
 	for _, n := range names {

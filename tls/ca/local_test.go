@@ -18,6 +18,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -437,6 +438,36 @@ func BenchmarkSign(b *testing.B) {
 	for b.Loop() {
 		if _, err := l.Sign(context.Background(), csr, testID, time.Hour); err != nil {
 			b.Fatal(err)
+		}
+	}
+}
+
+// TestLoadOrCreateConcurrent: nodes starting together on one directory end up with one root.
+func TestLoadOrCreateConcurrent(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "ca")
+	const n = 8
+	roots := make(chan string, n)
+	var wg sync.WaitGroup
+	for i := 0; i < n; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			l, err := LoadOrCreate(dir)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			roots <- l.RootsPEM()
+		}()
+	}
+	wg.Wait()
+	close(roots)
+	first := ""
+	for r := range roots {
+		if first == "" {
+			first = r
+		} else if r != first {
+			t.Fatal("concurrent LoadOrCreate produced different roots")
 		}
 	}
 }
