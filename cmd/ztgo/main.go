@@ -18,6 +18,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/ztgo/ztgo/control/snapshot"
 	"github.com/ztgo/ztgo/runtime/buildinfo"
 	"github.com/ztgo/ztgo/runtime/node"
 )
@@ -143,6 +144,7 @@ func runNode(args []string, stderr io.Writer) int {
 		SOCKS5Addr: *socks5, AdminAddr: *adminAddr, MetricsAddr: *metrics, ReadinessAddr: *readiness,
 		PoolMaxStreams: uint32(*maxStreams), PoolIdleTimeout: *poolIdle, Mark: *mark, Transparent: *origSrc,
 		Workers: *workers, DrainTimeout: *drain, LogAuthzInfo: *authzInfo,
+		DebugSnapshot: snapshot.DebugFromEnv(os.Getenv),
 		Logger: log, Level: level,
 	})
 	if err != nil {

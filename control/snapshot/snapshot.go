@@ -5,7 +5,12 @@
 // A Snapshot is built off the hot path by Build, validated, and published through a Store with
 // one atomic pointer store. A flow loads the pointer once and uses that view for every decision.
 // Nothing mutates a published Snapshot or anything reachable from it; sources that change the
-// mesh build a new one.
+// mesh build a new one. Store.VerifyImmutable (ZTGO_DEBUG_SNAPSHOT=1) checks this rule: Publish
+// fingerprints each snapshot and the next Publish, or Verify, reports any object that changed.
+//
+// Build's result does not depend on the order of its input: lists are sorted, and every tie a
+// lookup breaks (address conflicts, several services at one VIP or hostname) is broken by a
+// rule, never by position.
 package snapshot
 
 import (

@@ -72,6 +72,9 @@ type Config struct {
 	// DrainTimeout bounds graceful shutdown (CONNECTION_TERMINATION_DEADLINE).
 	DrainTimeout time.Duration
 	LogAuthzInfo bool
+	// DebugSnapshot checks on every publish that no published snapshot was mutated
+	// (ZTGO_DEBUG_SNAPSHOT=1); it walks whole snapshots, so it is for tests and debugging.
+	DebugSnapshot bool
 
 	Logger *slog.Logger
 	Level  *slog.LevelVar
@@ -153,6 +156,8 @@ func New(cfg Config) (*Node, error) {
 		relay:       relay.New(0),
 		ready:       admin.NewReadiness("config", "certificates", "proxy"),
 	}
+	n.store.VerifyImmutable = cfg.DebugSnapshot
+	n.store.Logger = cfg.Logger
 	reg := cfg.Registry
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	build := prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "istio_build", Help: "Istio component build info"}, []string{"component", "tag"})
