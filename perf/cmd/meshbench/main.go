@@ -1,0 +1,516 @@
+//go:build linux
+
+// Command meshbench measures ztgo against the direct loopback path in one run and prints a
+// markdown table of the medians and ratios.
+//
+//	go run ./perf/cmd/meshbench --ztgo ./bin/ztgo [--quick] [--out FILE] [--profile-dir DIR] [--only tp1,rtt1,...]
+//
+// It starts two ztgo processes from the given binary on one mesh config (a client workload
+// 127.40.1.10 on node bench-a, a server workload 127.40.2.10 on node bench-b, both HBONE) and a
+// shared CA directory, and runs its own servers on 127.40.2.10: a sink, a source, an echo and a
+// server that writes one byte and closes. Every workload runs on two paths, interleaved round by
+// round (direct, ztgo, direct, ztgo ...):
+//
+//   - direct: a client socket bound to 127.40.1.10 straight to 127.40.2.10:port;
+//   - ztgo: the same client socket to node a's SOCKS5 (CONNECT answered once the upstream is
+//     established), HBONE (HTTP/2 CONNECT over mTLS) to node b, then node b to the server.
+//
+// Workloads: 1-stream throughput both ways, 8-stream throughput, round trips of 1 B and 1 KiB
+// on one connection, and new connections to a first byte, sequential and with 8 clients. It
+// also records the nodes' RSS and their CPU time per GB moved and per connection, and, with
+// --profile-dir, CPU profiles of both nodes during an extra 1-stream throughput run.
+//
+// Performance targets are ratios measured side by side on the same machine in the same run
+// (shared/spec/performance.md); the table marks each as met or missed. Every wait is bounded;
+// the nodes are always stopped with SIGTERM, and any failure exits nonzero.
+package main
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// plan is the size of a run.
+type plan struct {
+	name     string
+	rounds   int
+	tpDur    time.Duration // throughput window
+	tpWarm   time.Duration // before the window
+	rttCount int           // round trips per size per round
+	connDur  time.Duration // sequential connection run
+	conn8Dur time.Duration // 8-client connection run
+	// limit is the watchdog for the whole run, above the planned time (quick ~55 s, full
+	// ~4.6 min, +11 s with --profile-dir) so that only a hang or a badly slowed machine hits it.
+	limit time.Duration
+}
+
+var (
+	quickPlan = plan{name: "quick", rounds: 3, tpDur: 2 * time.Second, tpWarm: 100 * time.Millisecond,
+		rttCount: 2000, connDur: 2 * time.Second, conn8Dur: 500 * time.Millisecond, limit: 90 * time.Second}
+	fullPlan = plan{name: "full", rounds: 7, tpDur: 5 * time.Second, tpWarm: 100 * time.Millisecond,
+		rttCount: 10000, connDur: 1500 * time.Millisecond, conn8Dur: time.Second, limit: 6 * time.Minute}
+)
+
+const (
+	readyTimeout = 20 * time.Second
+	stopGrace    = 10 * time.Second
+)
+
+func main() {
+	os.Exit(run())
+}
+
+func run() int {
+	var (
+		bin        = flag.String("ztgo", "./bin/ztgo", "ztgo binary to run (make build)")
+		quick      = flag.Bool("quick", false, "3 rounds, 2 s windows (< 60 s); default: 7 rounds, 5 s windows (< 5 min)")
+		out        = flag.String("out", "", "also write the markdown report to this file")
+		profileDir = flag.String("profile-dir", "", "write CPU profiles of both nodes here, taken during two extra runs through ztgo: 1-stream throughput (throughput-node-{a,b}.pprof) and new connections from 8 clients (connrate-node-{a,b}.pprof)")
+		keep       = flag.Bool("keep", false, "keep the temp dir (mesh, CA, node logs)")
+		only       = flag.String("only", "", "run only these workloads, comma-separated: tp1, tp1r, tp8, rtt1, rtt1k, conn, conn8 (default: all)")
+	)
+	flag.Parse()
+	if flag.NArg() > 0 {
+		fmt.Fprintf(os.Stderr, "meshbench: unexpected arguments %q\n", flag.Args())
+		return 2
+	}
+	pl := fullPlan
+	if *quick {
+		pl = quickPlan
+	}
+	sel := map[string]bool{}
+	for _, w := range strings.Split(*only, ",") {
+		if w = strings.TrimSpace(w); w == "" {
+			continue
+		}
+		if !slices.Contains(workloadNames, w) {
+			fmt.Fprintf(os.Stderr, "meshbench: --only %q: want some of %s\n", w, strings.Join(workloadNames, ", "))
+			return 2
+		}
+		sel[w] = true
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	ctx, cancel := context.WithTimeoutCause(ctx, pl.limit, fmt.Errorf("meshbench watchdog: run exceeded %s", pl.limit))
+	defer cancel()
+
+	b := &bench{pl: pl, bin: *bin, profileDir: *profileDir, keep: *keep, only: sel, res: newResults(), began: time.Now()}
+	text, err := b.run(ctx)
+	if text != "" {
+		fmt.Print(text)
+		if *out != "" {
+			if werr := os.WriteFile(*out, []byte(text), 0o644); werr != nil {
+				err = errors.Join(err, werr)
+			}
+		}
+	}
+	if err != nil {
+		if c := context.Cause(ctx); c != nil && errors.Is(err, context.DeadlineExceeded) {
+			err = fmt.Errorf("%w (%v)", err, c)
+		}
+		fmt.Fprintf(os.Stderr, "meshbench: FAILED after %s: %v\n", time.Since(b.began).Round(100*time.Millisecond), err)
+		return 1
+	}
+	fmt.Fprintf(os.Stderr, "meshbench: done in %s\n", time.Since(b.began).Round(100*time.Millisecond))
+	return 0
+}
+
+// bench is one run.
+type bench struct {
+	pl         plan
+	bin        string
+	profileDir string
+	keep       bool
+	only       map[string]bool // workloads to run; empty: all
+	res        *results
+	began      time.Time
+
+	srv      *servers
+	nodes    nodeSet // running nodes (cleared once stopped)
+	started  nodeSet // every node started, for their logs
+	direct   path
+	ztgo     path
+	notes    []string
+	problems []string
+}
+
+// workloadNames are the workloads --only selects from.
+var workloadNames = []string{"tp1", "tp1r", "tp8", "rtt1", "rtt1k", "conn", "conn8"}
+
+func (b *bench) runs(workload string) bool { return len(b.only) == 0 || b.only[workload] }
+
+func logf(format string, a ...any) {
+	fmt.Fprintf(os.Stderr, "meshbench: "+format+"\n", a...)
+}
+
+// run does the whole run and returns the report; a report with problems comes with an error.
+func (b *bench) run(ctx context.Context) (text string, err error) {
+	bin, err := exec.LookPath(b.bin)
+	if err != nil {
+		return "", fmt.Errorf("ztgo binary %s: %w (build it with `make build`)", b.bin, err)
+	}
+	if bin, err = filepath.Abs(bin); err != nil {
+		return "", err
+	}
+	m, err := describeMachine(ctx, bin)
+	if err != nil {
+		return "", err
+	}
+	m.loadStart = loadAvg()
+	logf("%s mode, %d rounds; %s, %d cores, kernel %s, %s; ztgo %s", b.pl.name, b.pl.rounds, m.cpuModel, m.cores, m.kernel, m.goVersion, m.ztgo)
+
+	dir, err := os.MkdirTemp("", "meshbench-")
+	if err != nil {
+		return "", err
+	}
+	defer func() {
+		if b.keep {
+			logf("temp dir kept: %s", dir)
+			return
+		}
+		os.RemoveAll(dir)
+	}()
+	if err := os.WriteFile(filepath.Join(dir, meshFile), []byte(meshYAML), 0o644); err != nil {
+		return "", err
+	}
+	if b.srv, err = startServers(); err != nil {
+		return "", err
+	}
+	defer b.srv.close()
+
+	// Node a first: it creates the CA in the empty directory; node b then loads the same one.
+	defer func() { err = errors.Join(err, b.stopNodes()) }()
+	caDir := filepath.Join(dir, "ca")
+	for _, s := range []struct{ name, host string }{{nodeA, hostA}, {nodeB, hostB}} {
+		t0 := time.Now()
+		n, err := startNode(bin, dir, caDir, s.name, s.host)
+		if err != nil {
+			return "", err
+		}
+		b.nodes = append(b.nodes, n)
+		b.started = append(b.started, n)
+		if err := n.waitReady(ctx, readyTimeout); err != nil {
+			return "", err
+		}
+		logf("%s ready in %s (pid %d)", s.name, time.Since(t0).Round(time.Millisecond), n.cmd.Process.Pid)
+	}
+	if err := sleep(ctx, 250*time.Millisecond); err != nil {
+		return "", err
+	}
+	if err := b.recordMem("rss.idle", ""); err != nil {
+		return "", err
+	}
+
+	b.direct = directPath()
+	b.ztgo = ztgoPath(b.nodes[0].socks5Addr())
+	for _, p := range []path{b.direct, b.ztgo} {
+		if err := checkPath(ctx, p); err != nil {
+			return "", err
+		}
+	}
+	if err := b.srv.echo.waitIdle(drainLimit); err != nil {
+		return "", err
+	}
+
+	for r := range b.pl.rounds {
+		if err := b.round(ctx, r); err != nil {
+			return "", err
+		}
+	}
+	if b.profileDir != "" {
+		if err := b.profile(ctx); err != nil {
+			return "", err
+		}
+	}
+	if err := b.recordMem("rss.end", "hwm.end"); err != nil {
+		return "", err
+	}
+	if err := b.nodes.alive(); err != nil {
+		return "", err
+	}
+	// Stop now, so a bad exit is part of the report.
+	if err := b.stopNodes(); err != nil {
+		b.problems = append(b.problems, err.Error())
+	}
+	b.problems = append(b.problems, b.srv.errors()...)
+	b.notes = append(b.notes, b.nodeLogNotes()...)
+	m.loadEnd = loadAvg()
+	text = report(b.pl, m, b.res, b.began, time.Since(b.began), b.notes, b.problems)
+	if len(b.problems) > 0 {
+		return text, fmt.Errorf("%d problems: %s", len(b.problems), strings.Join(b.problems, "; "))
+	}
+	return text, nil
+}
+
+func (b *bench) stopNodes() error {
+	var errs []error
+	for i := len(b.nodes) - 1; i >= 0; i-- {
+		n := b.nodes[i]
+		if err := n.stop(stopGrace); err != nil {
+			errs = append(errs, fmt.Errorf("stopping %s: %w", n.name, err))
+		}
+	}
+	b.nodes = nil
+	return errors.Join(errs...)
+}
+
+// recordMem records VmRSS (and VmHWM when hwmKey is set) of each node and their sum, in MiB.
+func (b *bench) recordMem(rssKey, hwmKey string) error {
+	var rss, hwm int64
+	for i, n := range b.nodes {
+		r, h, err := n.memKiB()
+		if err != nil {
+			return err
+		}
+		suffix := []string{".a", ".b"}[i]
+		b.res.add(rssKey+suffix, "ztgo", float64(r)/1024)
+		if hwmKey != "" {
+			b.res.add(hwmKey+suffix, "ztgo", float64(h)/1024)
+		}
+		rss += r
+		hwm += h
+	}
+	b.res.add(rssKey, "ztgo", float64(rss)/1024)
+	if hwmKey != "" {
+		b.res.add(hwmKey, "ztgo", float64(hwm)/1024)
+	}
+	logf("ztgo RSS (%s): %.1f MiB for both nodes", rssKey, float64(rss)/1024)
+	return nil
+}
+
+// round runs every workload once on each path, direct first.
+func (b *bench) round(ctx context.Context, r int) error {
+	tag := fmt.Sprintf("round %d/%d", r+1, b.pl.rounds)
+	type tpSpec struct {
+		key     string
+		reverse bool
+		streams int
+		srv     *server
+	}
+	for _, w := range []tpSpec{
+		{"tp1", false, 1, b.srv.sink},
+		{"tp1r", true, 1, b.srv.source},
+		{"tp8", false, 8, b.srv.sink},
+	} {
+		if !b.runs(w.key) {
+			continue
+		}
+		for _, p := range []path{b.direct, b.ztgo} {
+			var ns nodeSet
+			if p.name == "ztgo" {
+				ns = b.nodes
+			}
+			s, err := throughput(ctx, b.pl, p, w.reverse, w.streams, w.srv, ns, nil)
+			if err != nil {
+				return fmt.Errorf("%s %s %s: %w", tag, w.key, p.name, err)
+			}
+			if err := b.nodes.alive(); err != nil {
+				return err
+			}
+			b.res.add(w.key, p.name, s.gbps)
+			b.res.add("busy."+w.key, p.name, s.busy)
+			b.res.add("self."+w.key, p.name, s.self)
+			b.res.add("softirq."+w.key, p.name, s.softirq)
+			b.res.add("steal."+w.key, p.name, s.steal)
+			b.res.add("other."+w.key, p.name, s.other)
+			extra := ""
+			if len(s.cpu) == 2 && s.bytes > 0 {
+				gb := float64(s.bytes) / 1e9
+				b.res.add("cpu."+w.key+".a", p.name, s.cpu[0]/gb)
+				b.res.add("cpu."+w.key+".b", p.name, s.cpu[1]/gb)
+				b.res.add("cpu."+w.key, p.name, (s.cpu[0]+s.cpu[1])/gb)
+				b.res.add("util."+w.key+".a", p.name, s.cpu[0]/s.secs)
+				b.res.add("util."+w.key+".b", p.name, s.cpu[1]/s.secs)
+				b.res.add("util."+w.key, p.name, (s.cpu[0]+s.cpu[1])/s.secs)
+				extra = fmt.Sprintf(", ztgo CPU %.2f + %.2f s (%.2f s/GB)", s.cpu[0], s.cpu[1], (s.cpu[0]+s.cpu[1])/gb)
+			}
+			logf("%s %-4s %-6s %6.2f Gbit/s (%.2f GB in %.2fs, machine %.2f CPUs busy: softirq %.2f, steal %.2f, bench %.2f, other %.2f%s)",
+				tag, w.key, p.name, s.gbps, float64(s.bytes)/1e9, s.secs, s.busy, s.softirq, s.steal, s.self, s.other, extra)
+		}
+	}
+	for _, w := range []struct {
+		key  string
+		size int
+	}{{"rtt1", 1}, {"rtt1k", 1024}} {
+		if !b.runs(w.key) {
+			continue
+		}
+		for _, p := range []path{b.direct, b.ztgo} {
+			d, err := roundTrips(ctx, p, w.size, b.pl.rttCount, b.srv.echo)
+			if err != nil {
+				return fmt.Errorf("%s %s: %w", tag, w.key, err)
+			}
+			if err := b.nodes.alive(); err != nil {
+				return err
+			}
+			p50, p99 := percentile(d, 50), percentile(d, 99)
+			b.res.add(w.key+".p50", p.name, p50)
+			b.res.add(w.key+".p99", p.name, p99)
+			logf("%s %-5s %-6s p50 %7.1f µs, p99 %7.1f µs (%d round trips)", tag, w.key, p.name, p50, p99, len(d))
+		}
+	}
+	for _, w := range []struct {
+		key     string
+		clients int
+		dur     time.Duration
+	}{{"conn", 1, b.pl.connDur}, {"conn8", 8, b.pl.conn8Dur}} {
+		if !b.runs(w.key) {
+			continue
+		}
+		for _, p := range []path{b.direct, b.ztgo} {
+			var ns nodeSet
+			if p.name == "ztgo" {
+				ns = b.nodes
+			}
+			s, err := connRate(ctx, p, w.clients, w.dur, b.srv.first, ns, nil)
+			if err != nil {
+				return fmt.Errorf("%s %s %s: %w", tag, w.key, p.name, err)
+			}
+			if err := b.nodes.alive(); err != nil {
+				return err
+			}
+			if s.errs > 0 {
+				b.problems = append(b.problems, fmt.Sprintf("%s %s %s: %d failed connections of %d (first: %v)", tag, w.key, p.name, s.errs, s.n+s.errs, s.firstErr))
+			}
+			b.res.add(w.key+".rate", p.name, s.rate)
+			if w.clients == 1 {
+				b.res.add(w.key+".p50", p.name, percentile(s.lat, 50))
+				b.res.add(w.key+".p99", p.name, percentile(s.lat, 99))
+			}
+			extra := ""
+			if len(s.cpu) == 2 && s.n > 0 {
+				us := func(c float64) float64 { return c * 1e6 / float64(s.n) }
+				b.res.add("cpu."+w.key+".a", p.name, us(s.cpu[0]))
+				b.res.add("cpu."+w.key+".b", p.name, us(s.cpu[1]))
+				b.res.add("cpu."+w.key, p.name, us(s.cpu[0]+s.cpu[1]))
+				extra = fmt.Sprintf(", ztgo CPU %.0f µs/conn", us(s.cpu[0]+s.cpu[1]))
+			}
+			logf("%s %-5s %-6s %7.0f conn/s, p50 %6.1f µs, p99 %7.1f µs (%d connections, %d errors%s)", tag, w.key, p.name,
+				s.rate, percentile(s.lat, 50), percentile(s.lat, 99), s.n, s.errs, extra)
+		}
+	}
+	return nil
+}
+
+// profile captures CPU profiles of both nodes during two extra (unrecorded) runs through ztgo:
+// 1-stream client -> server throughput, and new connections from 8 clients.
+func (b *bench) profile(ctx context.Context) error {
+	if err := os.MkdirAll(b.profileDir, 0o755); err != nil {
+		return err
+	}
+	secs := max(1, int(b.pl.tpDur/time.Second))
+	var errc chan error
+	start := func(prefix string) func() {
+		return func() {
+			errc = make(chan error, len(b.nodes))
+			for i, n := range b.nodes {
+				file := filepath.Join(b.profileDir, prefix+"-node-"+[]string{"a", "b"}[i]+".pprof")
+				go func() { errc <- n.cpuProfile(ctx, secs, file) }()
+			}
+		}
+	}
+	collect := func(err error) error {
+		var errs []error
+		if errc != nil {
+			for range b.nodes {
+				errs = append(errs, <-errc)
+			}
+		}
+		errc = nil
+		return errors.Join(append([]error{err}, errs...)...)
+	}
+
+	s, err := throughput(ctx, b.pl, b.ztgo, false, 1, b.srv.sink, b.nodes, start("throughput"))
+	if err := collect(err); err != nil {
+		return fmt.Errorf("throughput profile run: %w", err)
+	}
+	note := fmt.Sprintf("CPU profiles (%d s, both nodes) during an extra unrecorded 1-stream client → server run through ztgo "+
+		"(%.2f Gbit/s while profiled): %s/throughput-node-{a,b}.pprof.", secs, s.gbps, b.profileDir)
+	b.notes = append(b.notes, note)
+	logf("%s", note)
+
+	// The profile spans secs; the clients run a little longer so it sees only churn.
+	c, err := connRate(ctx, b.ztgo, 8, time.Duration(secs)*time.Second+200*time.Millisecond, b.srv.first, b.nodes, start("connrate"))
+	if err := collect(err); err != nil {
+		return fmt.Errorf("connection profile run: %w", err)
+	}
+	if c.errs > 0 {
+		b.problems = append(b.problems, fmt.Sprintf("connection profile run: %d failed connections (first: %v)", c.errs, c.firstErr))
+	}
+	note = fmt.Sprintf("CPU profiles (%d s, both nodes) during an extra unrecorded run of new connections from 8 clients through ztgo "+
+		"(%.0f conn/s while profiled): %s/connrate-node-{a,b}.pprof.", secs, c.rate, b.profileDir)
+	b.notes = append(b.notes, note)
+	logf("%s", note)
+	return nil
+}
+
+// nodeLogNotes summarises what the nodes logged (at warn level, so every line is a warning or
+// an error).
+func (b *bench) nodeLogNotes() []string {
+	var notes []string
+	for _, n := range b.started {
+		lines := n.logLines()
+		if len(lines) == 0 {
+			notes = append(notes, fmt.Sprintf("%s logged nothing at warn level or above.", n.name))
+			continue
+		}
+		shown := lines[:min(3, len(lines))]
+		notes = append(notes, fmt.Sprintf("%s logged %d lines at warn level or above; first: `%s`", n.name, len(lines), strings.Join(shown, "` `")))
+	}
+	return notes
+}
+
+// describeMachine records the CPU, cores, kernel, Go and ztgo versions.
+func describeMachine(ctx context.Context, bin string) (machine, error) {
+	m := machine{cores: runtime.NumCPU(), gomaxprocs: runtime.GOMAXPROCS(0), goVersion: runtime.Version(), binary: bin}
+	if f, err := os.Open("/proc/cpuinfo"); err == nil {
+		sc := bufio.NewScanner(f)
+		procs := 0
+		for sc.Scan() {
+			k, v, ok := strings.Cut(sc.Text(), ":")
+			if !ok {
+				continue
+			}
+			switch strings.TrimSpace(k) {
+			case "model name":
+				if m.cpuModel == "" {
+					m.cpuModel = strings.TrimSpace(v)
+				}
+			case "processor":
+				procs++
+			}
+		}
+		f.Close()
+		if procs > 0 {
+			m.cores = procs
+		}
+	}
+	if m.cpuModel == "" {
+		m.cpuModel = "unknown CPU"
+	}
+	vctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	if out, err := exec.CommandContext(vctx, "uname", "-r").Output(); err == nil {
+		m.kernel = strings.TrimSpace(string(out))
+	} else if b, err := os.ReadFile("/proc/sys/kernel/osrelease"); err == nil {
+		m.kernel = strings.TrimSpace(string(b))
+	}
+	out, err := exec.CommandContext(vctx, bin, "version").Output()
+	if err != nil {
+		return m, fmt.Errorf("%s version: %w", bin, err)
+	}
+	m.ztgo = strings.TrimSpace(string(out))
+	return m, nil
+}

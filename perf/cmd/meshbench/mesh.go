@@ -1,0 +1,61 @@
+//go:build linux
+
+package main
+
+import (
+	"net"
+	"strconv"
+)
+
+// The bench mesh. All of 127/8 is local on Linux, so two nodes, the client workload and the
+// servers share this machine without setup.
+const (
+	nodeA = "bench-a"
+	nodeB = "bench-b"
+
+	// Each node's own listeners (SOCKS5, admin, metrics, readiness) bind its host address.
+	hostA = "127.40.1.1"
+	hostB = "127.40.2.1"
+
+	socks5Port    = 15080
+	adminPort     = 15000
+	metricsPort   = 15020
+	readinessPort = 15021
+
+	clientIP = "127.40.1.10" // workload client (bench/client) on bench-a
+	serverIP = "127.40.2.10" // workload server (bench/server) on bench-b
+
+	// Servers run in-process on serverIP.
+	sinkPort   = 17001 // discards (client -> server throughput)
+	sourcePort = 17002 // writes until the client half-closes (server -> client throughput)
+	echoPort   = 17003 // echoes (round trip latency)
+	firstPort  = 17004 // writes one byte and closes (connection rate)
+
+	meshFile = "mesh.yaml"
+)
+
+// meshYAML is the mesh in ztunnel's LOCAL_XDS format. Both nodes load this file; --node decides
+// which workload is local. No policy: every connection is allowed.
+const meshYAML = `# meshbench mesh, ztunnel's LOCAL_XDS format. Both nodes load this file.
+workloads:
+- uid: Kubernetes//v1/Pod/bench/client
+  name: client
+  namespace: bench
+  serviceAccount: client
+  workloadIps: ["` + clientIP + `"]
+  protocol: HBONE
+  node: ` + nodeA + `
+  canonicalName: client
+  canonicalRevision: v1
+- uid: Kubernetes//v1/Pod/bench/server
+  name: server
+  namespace: bench
+  serviceAccount: server
+  workloadIps: ["` + serverIP + `"]
+  protocol: HBONE
+  node: ` + nodeB + `
+  canonicalName: server
+  canonicalRevision: v1
+`
+
+func hostPort(h string, p int) string { return net.JoinHostPort(h, strconv.Itoa(p)) }

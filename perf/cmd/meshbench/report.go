@@ -1,0 +1,289 @@
+//go:build linux
+
+package main
+
+import (
+	"fmt"
+	"math"
+	"slices"
+	"strings"
+	"time"
+)
+
+// results holds one value per round for each metric and path.
+type results struct {
+	samples map[string]map[string][]float64 // metric -> path -> one value per round
+}
+
+func newResults() *results { return &results{samples: map[string]map[string][]float64{}} }
+
+func (r *results) add(metric, path string, v float64) {
+	m := r.samples[metric]
+	if m == nil {
+		m = map[string][]float64{}
+		r.samples[metric] = m
+	}
+	m[path] = append(m[path], v)
+}
+
+func (r *results) values(metric, path string) []float64 { return r.samples[metric][path] }
+
+func (r *results) median(metric, path string) (float64, bool) {
+	v := r.values(metric, path)
+	if len(v) == 0 {
+		return 0, false
+	}
+	return median(v), true
+}
+
+func median(v []float64) float64 {
+	s := slices.Clone(v)
+	slices.Sort(s)
+	n := len(s)
+	if n%2 == 1 {
+		return s[n/2]
+	}
+	return (s[n/2-1] + s[n/2]) / 2
+}
+
+// percentile is the nearest-rank percentile q (0..100) of d, in microseconds.
+func percentile(d []time.Duration, q float64) float64 {
+	if len(d) == 0 {
+		return math.NaN()
+	}
+	s := slices.Clone(d)
+	slices.Sort(s)
+	i := int(math.Ceil(q/100*float64(len(s)))) - 1
+	i = max(0, min(i, len(s)-1))
+	return float64(s[i]) / float64(time.Microsecond)
+}
+
+// row is one line of the comparison table.
+type row struct {
+	key, workload, metric string
+	format                func(float64) string
+	target                string
+	// check says whether the target is met; nil when the row has no target.
+	check func(direct, ztgo float64) bool
+}
+
+func fmtGbps(v float64) string { return fmt.Sprintf("%.2f", v) }
+func fmtUS(v float64) string   { return fmt.Sprintf("%.1f", v) }
+func fmtRate(v float64) string { return thousands(int64(math.Round(v))) }
+
+func thousands(n int64) string {
+	s := fmt.Sprint(n)
+	if n < 0 {
+		return "-" + thousands(-n)
+	}
+	var b strings.Builder
+	for i, c := range s {
+		if i > 0 && (len(s)-i)%3 == 0 {
+			b.WriteByte(',')
+		}
+		b.WriteRune(c)
+	}
+	return b.String()
+}
+
+func ratioAtLeast(x float64) func(d, z float64) bool {
+	return func(d, z float64) bool { return d > 0 && z/d >= x }
+}
+
+func ratioAtMost(x float64) func(d, z float64) bool {
+	return func(d, z float64) bool { return d > 0 && z/d <= x }
+}
+
+var rows = []row{
+	{"tp1", "Throughput, 1 stream, client → server", "Gbit/s", fmtGbps, "≥ 0.30x direct", ratioAtLeast(0.30)},
+	{"tp1r", "Throughput, 1 stream, server → client", "Gbit/s", fmtGbps, "≥ 0.30x direct", ratioAtLeast(0.30)},
+	{"tp8", "Throughput, 8 streams, client → server", "Gbit/s (sum)", fmtGbps, "≥ 0.45x direct", ratioAtLeast(0.45)},
+	{"rtt1.p50", "Round trip, 1 B echo, one connection", "p50 µs", fmtUS, "≤ 3.0x direct", ratioAtMost(3.0)},
+	{"rtt1.p99", "Round trip, 1 B echo, one connection", "p99 µs", fmtUS, "", nil},
+	{"rtt1k.p50", "Round trip, 1 KiB echo, one connection", "p50 µs", fmtUS, "≤ 3.0x direct", ratioAtMost(3.0)},
+	{"rtt1k.p99", "Round trip, 1 KiB echo, one connection", "p99 µs", fmtUS, "", nil},
+	{"conn.rate", "New connection + first byte, 1 client", "conn/s", fmtRate, "", nil},
+	{"conn.p50", "New connection + first byte, 1 client", "p50 µs", fmtUS, "≤ 3.0x direct", ratioAtMost(3.0)},
+	{"conn.p99", "New connection + first byte, 1 client", "p99 µs", fmtUS, "", nil},
+	{"conn8.rate", "New connection + first byte, 8 clients", "conn/s", fmtRate, "≥ 10,000/s", func(_, z float64) bool { return z >= 10000 }},
+}
+
+// resRow is one line of the resources table (ztgo nodes only).
+type resRow struct {
+	what, unit string
+	keys       [3]string // node a, node b, both
+	format     func(float64) string
+	target     string
+}
+
+func fmtMiB(v float64) string  { return fmt.Sprintf("%.1f", v) }
+func fmtSecs(v float64) string { return fmt.Sprintf("%.2f", v) }
+
+var resRows = []resRow{
+	{"RSS at idle after start", "MiB", [3]string{"rss.idle.a", "rss.idle.b", "rss.idle"}, fmtMiB, "≤ 20 MB per node is specified with 100 workloads (here 2): indicative only"},
+	{"RSS after all workloads", "MiB", [3]string{"rss.end.a", "rss.end.b", "rss.end"}, fmtMiB, ""},
+	{"Peak RSS (VmHWM) over the run", "MiB", [3]string{"hwm.end.a", "hwm.end.b", "hwm.end"}, fmtMiB, ""},
+	{"CPU per GB moved, 1 stream client → server", "CPU s/GB", [3]string{"cpu.tp1.a", "cpu.tp1.b", "cpu.tp1"}, fmtSecs, ""},
+	{"CPU per GB moved, 1 stream server → client", "CPU s/GB", [3]string{"cpu.tp1r.a", "cpu.tp1r.b", "cpu.tp1r"}, fmtSecs, ""},
+	{"CPU per GB moved, 8 streams client → server", "CPU s/GB", [3]string{"cpu.tp8.a", "cpu.tp8.b", "cpu.tp8"}, fmtSecs, ""},
+	{"CPU used during 1-stream client → server window", "vCPU", [3]string{"util.tp1.a", "util.tp1.b", "util.tp1"}, fmtSecs, ""},
+	{"CPU per new connection, 1 client", "CPU µs/conn", [3]string{"cpu.conn.a", "cpu.conn.b", "cpu.conn"}, fmtUS, ""},
+	{"CPU per new connection, 8 clients", "CPU µs/conn", [3]string{"cpu.conn8.a", "cpu.conn8.b", "cpu.conn8"}, fmtUS, ""},
+}
+
+// machine describes where the run happened.
+type machine struct {
+	cpuModel   string
+	cores      int
+	gomaxprocs int
+	kernel     string
+	goVersion  string
+	ztgo       string
+	binary     string
+	// loadStart and loadEnd are /proc/loadavg at the start and the end of the run.
+	loadStart, loadEnd string
+}
+
+// report renders the markdown report.
+func report(pl plan, m machine, r *results, began time.Time, elapsed time.Duration, notes, problems []string) string {
+	var b strings.Builder
+	p := func(format string, a ...any) { fmt.Fprintf(&b, format, a...) }
+	p("## meshbench: ztgo vs direct, %s mode\n\n", pl.name)
+	p("Run %s, %s wall time. %d rounds; in every round each workload runs on the direct path and then through ztgo "+
+		"(interleaved direct, ztgo, direct, ztgo ...); each figure is the median over the rounds of that path, "+
+		"and the ratio is ztgo / direct of the medians. Throughput: %s windows after a %s warm-up, %d KiB writes. "+
+		"Round trips: %d per size per round after %d unrecorded. Connections: %s with 1 client, %s with 8 clients.\n\n",
+		began.UTC().Format("2006-01-02 15:04 UTC"), elapsed.Round(100*time.Millisecond), pl.rounds,
+		pl.tpDur, pl.tpWarm, chunk>>10, pl.rttCount, rttWarmup, pl.connDur, pl.conn8Dur)
+	p("Machine: %s, %d cores (GOMAXPROCS %d), kernel %s, %s; ztgo: %s. Load average (1, 5, 15 min) at start %s, at end %s.\n\n",
+		m.cpuModel, m.cores, m.gomaxprocs, m.kernel, m.goVersion, m.ztgo, m.loadStart, m.loadEnd)
+
+	p("| workload | metric | direct | ztgo | ztgo/direct | target | verdict |\n")
+	p("|---|---|---:|---:|---:|---|---|\n")
+	for _, rw := range rows {
+		d, okd := r.median(rw.key, "direct")
+		z, okz := r.median(rw.key, "ztgo")
+		if !okd && !okz {
+			continue
+		}
+		ds, zs, ratio := "—", "—", "—"
+		if okd {
+			ds = rw.format(d)
+		}
+		if okz {
+			zs = rw.format(z)
+		}
+		if okd && okz && d > 0 {
+			ratio = fmt.Sprintf("%.2fx", z/d)
+		}
+		target, verdict := "—", "—"
+		if rw.check != nil {
+			target = rw.target
+			if okd && okz {
+				verdict = "missed"
+				if rw.check(d, z) {
+					verdict = "met"
+				}
+			}
+		}
+		p("| %s | %s | %s | %s | %s | %s | %s |\n", rw.workload, rw.metric, ds, zs, ratio, target, verdict)
+	}
+	p("\n")
+
+	p("Resources of the two ztgo processes (/proc/<pid>/status VmRSS and VmHWM; utime+stime from /proc/<pid>/stat over each " +
+		"measured window; GB = 10^9 bytes arriving at the receiver; medians over the rounds):\n\n")
+	p("| resource | unit | node a (client side) | node b (server side) | both | note |\n")
+	p("|---|---|---:|---:|---:|---|\n")
+	for _, rr := range resRows {
+		var cells [3]string
+		have := false
+		for i, k := range rr.keys {
+			cells[i] = "—"
+			if v, ok := r.median(k, "ztgo"); ok {
+				cells[i] = rr.format(v)
+				have = true
+			}
+		}
+		if !have {
+			continue
+		}
+		note := rr.target
+		if note == "" {
+			note = "—"
+		}
+		p("| %s | %s | %s | %s | %s | %s |\n", rr.what, rr.unit, cells[0], cells[1], cells[2], note)
+	}
+	p("\n")
+
+	p("Whole machine during the throughput windows, in CPUs of %d (/proc/stat, /proc/<pid>/stat). busy: all but idle; "+
+		"softirq: irq and softirq, mostly loopback TCP receive work, a part of busy that is also in the bench's or the nodes' "+
+		"time when it ran in their context; steal: taken by the hypervisor; bench: this process (clients and servers); nodes: "+
+		"both ztgo processes; other: busy minus steal, bench and nodes, i.e. any other process on the machine and softirq run "+
+		"outside the bench and the nodes:\n\n", m.cores)
+	p("| workload | path | busy | softirq | steal | bench | nodes | other |\n|---|---|---:|---:|---:|---:|---:|---:|\n")
+	for _, k := range []struct{ key, what string }{
+		{"tp1", "Throughput, 1 stream, client → server"},
+		{"tp1r", "Throughput, 1 stream, server → client"},
+		{"tp8", "Throughput, 8 streams, client → server"},
+	} {
+		for _, path := range []string{"direct", "ztgo"} {
+			cell := func(metric string) string {
+				if v, ok := r.median(metric, path); ok {
+					return fmt.Sprintf("%.2f", v)
+				}
+				return "—"
+			}
+			nodes := "—"
+			if path == "ztgo" {
+				nodes = cell("util." + k.key)
+			}
+			p("| %s | %s | %s | %s | %s | %s | %s | %s |\n", k.what, path, cell("busy."+k.key), cell("softirq."+k.key),
+				cell("steal."+k.key), cell("self."+k.key), nodes, cell("other."+k.key))
+		}
+	}
+	p("\n")
+
+	p("Every round's value (the medians above are taken over these):\n\n")
+	p("| metric | path |")
+	for i := range pl.rounds {
+		p(" r%d |", i+1)
+	}
+	p("\n|---|---|")
+	for range pl.rounds {
+		p("---:|")
+	}
+	p("\n")
+	for _, rw := range rows {
+		for _, path := range []string{"direct", "ztgo"} {
+			v := r.values(rw.key, path)
+			if len(v) == 0 {
+				continue
+			}
+			p("| %s %s | %s |", rw.key, rw.metric, path)
+			for i := range pl.rounds {
+				if i < len(v) {
+					p(" %s |", rw.format(v[i]))
+				} else {
+					p(" — |")
+				}
+			}
+			p("\n")
+		}
+	}
+	p("\n")
+	if len(notes) > 0 {
+		p("Notes:\n\n")
+		for _, n := range notes {
+			p("- %s\n", n)
+		}
+		p("\n")
+	}
+	if len(problems) > 0 {
+		p("**Problems (the run failed):**\n\n")
+		for _, n := range problems {
+			p("- %s\n", n)
+		}
+		p("\n")
+	}
+	return b.String()
+}
