@@ -232,7 +232,8 @@ type Hooks struct {
 
 // Pipeline runs the stages as actors.
 type Pipeline struct {
-	actors [numStages]*actor
+	stopped atomic.Bool
+	actors  [numStages]*actor
 	hooks  Hooks
 	nextID atomic.Uint64
 	m      *pipelineMetrics
@@ -253,8 +254,13 @@ type pipelineMetrics struct {
 	rejected     *prometheus.CounterVec
 }
 
-// ErrOverloaded is returned by TrySubmit when the first stage's mailbox is full.
-var ErrOverloaded = errors.New("stages: mailbox full")
+// Errors of Submit and TrySubmit.
+var (
+	// ErrOverloaded: the first stage's mailbox is full (TrySubmit).
+	ErrOverloaded = errors.New("stages: mailbox full")
+	// ErrStopped: the pipeline is stopping and takes no new flows.
+	ErrStopped = errors.New("stages: pipeline stopped")
+)
 
 // NewPipeline builds the actors; Start runs them. Every stage ID must be configured.
 func NewPipeline(cfgs map[ID]StageConfig, hooks Hooks, reg prometheus.Registerer) (*Pipeline, error) {
@@ -309,6 +315,7 @@ func (p *Pipeline) Start() {
 
 // Stop ends the workers after the flows they hold; flows still queued are failed.
 func (p *Pipeline) Stop() {
+	p.stopped.Store(true)
 	if p.cancel == nil {
 		return
 	}
@@ -340,6 +347,9 @@ func (p *Pipeline) NewFlow(dir Direction, snap *snapshot.Snapshot, plan ...ID) *
 
 // Submit queues f for the first stage of its plan, waiting while the mailbox is full.
 func (p *Pipeline) Submit(ctx context.Context, f *Flow) error {
+	if p.stopped.Load() {
+		return ErrStopped
+	}
 	a := p.actors[f.plan[f.step]]
 	f.Trace.Enter(a.id.String(), time.Now())
 	select {
@@ -358,6 +368,9 @@ func (p *Pipeline) Submit(ctx context.Context, f *Flow) error {
 
 // TrySubmit queues f without waiting; it fails with ErrOverloaded when the mailbox is full.
 func (p *Pipeline) TrySubmit(f *Flow) error {
+	if p.stopped.Load() {
+		return ErrStopped
+	}
 	a := p.actors[f.plan[f.step]]
 	f.Trace.Enter(a.id.String(), time.Now())
 	select {

@@ -1,17 +1,10 @@
 package interop_test
 
 import (
-	"bytes"
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
-	"encoding/binary"
-	"encoding/pem"
-	"errors"
 	"fmt"
 	"io"
 	"log"
@@ -19,17 +12,14 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
-	"net/url"
-	"runtime"
-	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"istio.io/istio/pkg/hbone"
 
+	"github.com/ztgo/ztgo/e2e/meshtest"
 	"github.com/ztgo/ztgo/runtime/node"
-	"github.com/ztgo/ztgo/tls/ca"
 	"github.com/ztgo/ztgo/tls/spiffe"
 )
 
@@ -47,89 +37,6 @@ func identity(t *testing.T, uri string) spiffe.ID {
 		t.Fatal(err)
 	}
 	return id
-}
-
-// issue has signer sign a fresh ECDSA P-256 key for id (CSR with one URI SAN) and returns the
-// certificate with its chain, without the root bundle, ready for a tls.Config.
-func issue(t *testing.T, signer *ca.Local, id spiffe.ID) tls.Certificate {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	u, err := url.Parse(id.String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	csr, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{URIs: []*url.URL{u}}, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	chain, err := signer.Sign(context.Background(), pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: csr}), id, time.Hour)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if len(chain) < 2 {
-		t.Fatalf("CA returned %d PEM elements, want leaf + roots", len(chain))
-	}
-	var cert tls.Certificate
-	for _, p := range chain[:len(chain)-1] { // the last element is the root bundle
-		b, _ := pem.Decode([]byte(p))
-		if b == nil {
-			t.Fatalf("CA returned a non-PEM element %q", p)
-		}
-		cert.Certificate = append(cert.Certificate, b.Bytes)
-	}
-	cert.PrivateKey = key
-	return cert
-}
-
-// rootPool is the pool of signer's trust anchors.
-func rootPool(signer *ca.Local) *x509.CertPool {
-	p := x509.NewCertPool()
-	for _, r := range signer.RootCerts() {
-		p.AddCert(r)
-	}
-	return p
-}
-
-// verifyPeer checks a peer chain against roots for usage and that its leaf carries wantURI
-// among its URI SANs. Mesh certificates have no DNS names, so Go's hostname check cannot be
-// used: the configs below set InsecureSkipVerify and call this from VerifyConnection.
-func verifyPeer(cs tls.ConnectionState, roots *x509.CertPool, usage x509.ExtKeyUsage, wantURI string) error {
-	if len(cs.PeerCertificates) == 0 {
-		return errors.New("peer presented no certificate")
-	}
-	leaf := cs.PeerCertificates[0]
-	inter := x509.NewCertPool()
-	for _, c := range cs.PeerCertificates[1:] {
-		inter.AddCert(c)
-	}
-	if _, err := leaf.Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{usage}}); err != nil {
-		return fmt.Errorf("peer chain: %w", err)
-	}
-	var got []string
-	for _, u := range leaf.URIs {
-		if u.String() == wantURI {
-			return nil
-		}
-		got = append(got, u.String())
-	}
-	return fmt.Errorf("peer identity is %v, want %s", got, wantURI)
-}
-
-// istioClientTLS is the TLS config handed to Istio's hbone.NewDialer: it presents cert and
-// accepts only a server chaining to roots whose URI SAN is wantServer.
-func istioClientTLS(cert tls.Certificate, roots *x509.CertPool, wantServer string) *tls.Config {
-	return &tls.Config{
-		Certificates:       []tls.Certificate{cert},
-		NextProtos:         []string{"h2"},
-		MinVersion:         tls.VersionTLS12,
-		InsecureSkipVerify: true, // the chain and URI SAN are checked in VerifyConnection
-		VerifyConnection: func(cs tls.ConnectionState) error {
-			return verifyPeer(cs, roots, x509.ExtKeyUsageServerAuth, wantServer)
-		},
-	}
 }
 
 // istioDial connects to target through Istio's HBONE dialer. The dialer ignores contexts, so a
@@ -153,13 +60,9 @@ func istioDial(proxyAddr, target string, tcfg *tls.Config) (net.Conn, error) {
 	}
 }
 
-// payload returns n random bytes and their SHA-256.
-func payload(t *testing.T, n int) ([]byte, [32]byte) {
-	t.Helper()
-	b := make([]byte, n)
-	if _, err := rand.Read(b); err != nil {
-		t.Fatal(err)
-	}
+// payload returns payloadSize pseudo-random bytes for seed and their SHA-256.
+func payload(seed uint64) ([]byte, [32]byte) {
+	b := meshtest.RandomBytes(payloadSize, seed)
 	return b, sha256.Sum256(b)
 }
 
@@ -174,42 +77,18 @@ type echoResult struct {
 // echoApp is the workload's application: it writes back everything it reads, and on EOF
 // reports the count and SHA-256 of what it received, then closes.
 type echoApp struct {
-	ln      net.Listener
 	results chan echoResult
-	wg      sync.WaitGroup
 }
 
+// startEcho serves addr until the test ends (meshtest.StartApp's cleanup).
 func startEcho(t *testing.T, addr string) *echoApp {
 	t.Helper()
-	ln, err := net.Listen("tcp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	a := &echoApp{ln: ln, results: make(chan echoResult, 64)}
-	a.wg.Add(1)
-	go func() {
-		defer a.wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			a.wg.Add(1)
-			go func() {
-				defer a.wg.Done()
-				a.serve(c.(*net.TCPConn))
-			}()
-		}
-	}()
-	t.Cleanup(func() {
-		ln.Close()
-		a.wg.Wait()
-	})
+	a := &echoApp{results: make(chan echoResult, 64)}
+	meshtest.StartApp(t, addr, func(_ *meshtest.App, c *net.TCPConn) { a.serve(c) })
 	return a
 }
 
 func (a *echoApp) serve(c *net.TCPConn) {
-	defer c.Close()
 	c.SetDeadline(time.Now().Add(ioTimeout))
 	h := sha256.New()
 	buf := make([]byte, 32<<10)
@@ -299,69 +178,6 @@ func exchange(t *testing.T, c net.Conn, data []byte) []byte {
 		t.Fatalf("read through the tunnel: %v after %d of %d bytes", rerr, n, len(data))
 	}
 	return got
-}
-
-// socksConnect opens a flow through a ztgo SOCKS5 entry from srcIP to dst, writing the three
-// SOCKS5 messages by hand. It returns the connection (nil unless the reply is 0) and the
-// reply code.
-func socksConnect(socksAddr string, srcIP netip.Addr, dst netip.AddrPort) (*net.TCPConn, byte, error) {
-	d := net.Dialer{LocalAddr: net.TCPAddrFromAddrPort(netip.AddrPortFrom(srcIP, 0)), Timeout: ioTimeout}
-	nc, err := d.Dial("tcp", socksAddr)
-	if err != nil {
-		return nil, 0, err
-	}
-	c := nc.(*net.TCPConn)
-	c.SetDeadline(time.Now().Add(ioTimeout))
-	fail := func(err error) (*net.TCPConn, byte, error) {
-		c.Close()
-		return nil, 0, err
-	}
-	if _, err := c.Write([]byte{5, 1, 0}); err != nil { // version 5, one method: no auth
-		return fail(err)
-	}
-	var sel [2]byte
-	if _, err := io.ReadFull(c, sel[:]); err != nil {
-		return fail(fmt.Errorf("socks5 method selection: %w", err))
-	}
-	if sel != [2]byte{5, 0} {
-		return fail(fmt.Errorf("socks5 method selection %v, want [5 0]", sel))
-	}
-	if !dst.Addr().Is4() {
-		return fail(errors.New("socksConnect: IPv4 only"))
-	}
-	req := []byte{5, 1, 0, 1} // CONNECT, IPv4
-	ip := dst.Addr().As4()
-	req = append(req, ip[:]...)
-	req = binary.BigEndian.AppendUint16(req, dst.Port())
-	if _, err := c.Write(req); err != nil {
-		return fail(err)
-	}
-	var hdr [4]byte
-	if _, err := io.ReadFull(c, hdr[:]); err != nil {
-		return fail(fmt.Errorf("socks5 reply: %w", err))
-	}
-	if hdr[0] != 5 {
-		return fail(fmt.Errorf("socks5 reply version %d", hdr[0]))
-	}
-	rep := hdr[1]
-	var alen int
-	switch hdr[3] {
-	case 1:
-		alen = 4
-	case 4:
-		alen = 16
-	default:
-		return fail(fmt.Errorf("socks5 reply address type %d", hdr[3]))
-	}
-	if _, err := io.ReadFull(c, make([]byte, alen+2)); err != nil {
-		return fail(fmt.Errorf("socks5 reply address: %w", err))
-	}
-	if rep != 0 {
-		c.Close()
-		return nil, rep, nil
-	}
-	c.SetDeadline(time.Time{})
-	return c, rep, nil
 }
 
 // tlsRefusal connects to addr with plain crypto/tls and tcfg, and returns the error that
@@ -509,44 +325,4 @@ func (s *istioServer) seen() []istioRequest {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return append([]istioRequest(nil), s.requests...)
-}
-
-// ztgoGoroutines returns the stacks of live goroutines that run code of ztgo's own packages
-// (this test package excluded).
-func ztgoGoroutines() []string {
-	buf := make([]byte, 4<<20)
-	buf = buf[:runtime.Stack(buf, true)]
-	var out []string
-	for _, g := range bytes.Split(buf, []byte("\n\n")) {
-		for _, line := range strings.Split(string(g), "\n") {
-			if strings.Contains(line, "github.com/ztgo/ztgo/") && !strings.Contains(line, "github.com/ztgo/ztgo/e2e/") {
-				out = append(out, string(g))
-				break
-			}
-		}
-	}
-	return out
-}
-
-// checkNoZtgoGoroutines registers, as the test's last cleanup, a check that no goroutine of
-// ztgo's packages outlives the test (nodes are stopped by earlier-running cleanups).
-func checkNoZtgoGoroutines(t *testing.T) {
-	t.Helper()
-	if g := ztgoGoroutines(); len(g) > 0 {
-		t.Fatalf("%d ztgo goroutines are running before the test started, first:\n%s", len(g), g[0])
-	}
-	t.Cleanup(func() {
-		deadline := time.Now().Add(3 * time.Second)
-		for {
-			g := ztgoGoroutines()
-			if len(g) == 0 {
-				return
-			}
-			if time.Now().After(deadline) {
-				t.Errorf("%d ztgo goroutines outlived the test, first:\n%s", len(g), g[0])
-				return
-			}
-			time.Sleep(20 * time.Millisecond)
-		}
-	})
 }

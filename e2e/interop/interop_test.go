@@ -17,7 +17,6 @@ import (
 	"crypto/sha256"
 	"crypto/tls"
 	"fmt"
-	"io"
 	"net/netip"
 	"path/filepath"
 	"slices"
@@ -26,6 +25,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ztgo/ztgo/e2e/meshtest"
 	"github.com/ztgo/ztgo/tls/ca"
 )
 
@@ -64,7 +64,7 @@ policies:
 `
 
 func TestIstioClientToZtgoInbound(t *testing.T) {
-	checkNoZtgoGoroutines(t)
+	meshtest.CheckLeaks(t)
 	caDir := filepath.Join(t.TempDir(), "ca")
 	signer, err := ca.LoadOrCreate(caDir)
 	if err != nil {
@@ -76,19 +76,17 @@ func TestIstioClientToZtgoInbound(t *testing.T) {
 	startNode(t, "interop-in", caDir, inboundYAML)
 	waitListening(t, "127.30.1.2:15008")
 	waitListening(t, "127.30.1.3:15008")
-	if len(ztgoGoroutines()) == 0 {
-		t.Fatal("the leak check sees no goroutine of the running node; it could never fail")
-	}
+	meshtest.RequireZtgoGoroutines(t)
 
-	roots := rootPool(signer)
-	clientCert := issue(t, signer, identity(t, istioClientURI))
+	roots := signer.Roots()
+	clientCert := meshtest.IssueCert(t, signer, identity(t, istioClientURI))
 
 	t.Run("Echo", func(t *testing.T) {
-		c, err := istioDial("127.30.1.2:15008", "127.30.1.2:8080", istioClientTLS(clientCert, roots, serverURI))
+		c, err := istioDial("127.30.1.2:15008", "127.30.1.2:8080", meshtest.ClientTLS(clientCert, roots, serverURI))
 		if err != nil {
 			t.Fatalf("istio dial through ztgo: %v", err)
 		}
-		data, sum := payload(t, payloadSize)
+		data, sum := payload(1)
 		got := exchange(t, c, data)
 		if gs := sha256.Sum256(got); gs != sum {
 			t.Errorf("echo through ztgo: got sha256 %x, want %x", gs, sum)
@@ -107,7 +105,7 @@ func TestIstioClientToZtgoInbound(t *testing.T) {
 			"127.30.1.99:8080", // no workload at all
 			"127.30.1.3:8080",  // another workload of the same node
 		} {
-			c, err := istioDial("127.30.1.2:15008", target, istioClientTLS(clientCert, roots, serverURI))
+			c, err := istioDial("127.30.1.2:15008", target, meshtest.ClientTLS(clientCert, roots, serverURI))
 			if err == nil {
 				c.Close()
 				t.Errorf("CONNECT %s via 127.30.1.2:15008 succeeded, want 400", target)
@@ -123,7 +121,7 @@ func TestIstioClientToZtgoInbound(t *testing.T) {
 
 	t.Run("DeniedByPolicy", func(t *testing.T) {
 		lockedApp.drain()
-		c, err := istioDial("127.30.1.3:15008", "127.30.1.3:8080", istioClientTLS(clientCert, roots, lockedURI))
+		c, err := istioDial("127.30.1.3:15008", "127.30.1.3:8080", meshtest.ClientTLS(clientCert, roots, lockedURI))
 		if err == nil {
 			c.Close()
 			lockedApp.next(t) // keep the connection from showing up in later subtests
@@ -138,7 +136,7 @@ func TestIstioClientToZtgoInbound(t *testing.T) {
 	t.Run("ServerCertificatePerWorkload", func(t *testing.T) {
 		lockedApp.drain()
 		// The listener of "locked" must present locked's identity, not server's.
-		c, err := istioDial("127.30.1.3:15008", "127.30.1.3:8080", istioClientTLS(clientCert, roots, serverURI))
+		c, err := istioDial("127.30.1.3:15008", "127.30.1.3:8080", meshtest.ClientTLS(clientCert, roots, serverURI))
 		if err == nil {
 			c.Close()
 			t.Fatal("127.30.1.3:15008 passed as the server workload")
@@ -152,7 +150,7 @@ func TestIstioClientToZtgoInbound(t *testing.T) {
 	t.Run("UntrustedClientRefusedInHandshake", func(t *testing.T) {
 		serverApp.drain()
 		// Control: with the right certificate ztgo completes the handshake and speaks HTTP/2.
-		if err := tlsRefusal("127.30.1.2:15008", istioClientTLS(clientCert, roots, serverURI)); err != nil {
+		if err := tlsRefusal("127.30.1.2:15008", meshtest.ClientTLS(clientCert, roots, serverURI)); err != nil {
 			t.Fatalf("the trusted client certificate was refused: %v", err)
 		}
 		other, err := ca.NewEphemeral("cluster.local")
@@ -163,12 +161,12 @@ func TestIstioClientToZtgoInbound(t *testing.T) {
 			name  string
 			certs []tls.Certificate
 		}{
-			{"other CA, same identity", []tls.Certificate{issue(t, other, identity(t, istioClientURI))}},
-			{"same CA, other trust domain", []tls.Certificate{issue(t, signer, identity(t, "spiffe://example.org/ns/default/sa/istio-client"))}},
+			{"other CA, same identity", []tls.Certificate{meshtest.IssueCert(t, other, identity(t, istioClientURI))}},
+			{"same CA, other trust domain", []tls.Certificate{meshtest.IssueCert(t, signer, identity(t, "spiffe://example.org/ns/default/sa/istio-client"))}},
 			{"no client certificate", nil},
 		} {
 			name := tc.name
-			tcfg := istioClientTLS(clientCert, roots, serverURI)
+			tcfg := meshtest.ClientTLS(clientCert, roots, serverURI)
 			tcfg.Certificates = tc.certs
 			c, err := istioDial("127.30.1.2:15008", "127.30.1.2:8080", tcfg)
 			if err == nil {
@@ -233,7 +231,7 @@ workloads:
 // socksEcho sends data through node a from the client workload to dst, half-closes, reads
 // the echo to EOF and returns it.
 func socksEcho(t *testing.T, socksAddr string, dst netip.AddrPort, data []byte) ([]byte, error) {
-	c, rep, err := socksConnect(socksAddr, clientIP, dst)
+	c, rep, err := meshtest.SOCKS5(socksAddr, clientIP, dst.String(), ioTimeout)
 	if err != nil {
 		return nil, err
 	}
@@ -242,45 +240,29 @@ func socksEcho(t *testing.T, socksAddr string, dst netip.AddrPort, data []byte) 
 	}
 	defer c.Close()
 	c.SetDeadline(time.Now().Add(ioTimeout))
-	werr := make(chan error, 1)
-	go func() {
-		_, err := c.Write(data)
-		if err == nil {
-			err = c.CloseWrite() // END_STREAM towards Istio's server, FIN to the app
-		}
-		werr <- err
-	}()
-	got, rerr := io.ReadAll(c)
-	if err := <-werr; err != nil {
-		return got, fmt.Errorf("write: %w", err)
-	}
-	if rerr != nil {
-		return got, fmt.Errorf("read after %d bytes: %w", len(got), rerr)
-	}
-	return got, nil
+	// The half-close is END_STREAM towards Istio's server and a FIN to the app.
+	return meshtest.RoundTrip(c, data)
 }
 
 func TestZtgoOutboundToIstioServer(t *testing.T) {
-	checkNoZtgoGoroutines(t)
+	meshtest.CheckLeaks(t)
 	caDir := filepath.Join(t.TempDir(), "ca")
 	signer, err := ca.LoadOrCreate(caDir)
 	if err != nil {
 		t.Fatal(err)
 	}
-	roots := rootPool(signer)
+	roots := signer.Roots()
 	// Started before the node, so they are closed after it has stopped.
 	app := startEcho(t, remoteApp.String())
 	imposterApp := startEcho(t, netip.AddrPortFrom(imposterIP, 9090).String())
-	remote := startIstioServer(t, "127.30.2.2:15008", issue(t, signer, identity(t, remoteURI)), roots)
+	remote := startIstioServer(t, "127.30.2.2:15008", meshtest.IssueCert(t, signer, identity(t, remoteURI)), roots)
 	// A server of the same CA, but presenting remote's identity at imposter's address.
-	imposter := startIstioServer(t, "127.30.2.3:15008", issue(t, signer, identity(t, remoteURI)), roots)
+	imposter := startIstioServer(t, "127.30.2.3:15008", meshtest.IssueCert(t, signer, identity(t, remoteURI)), roots)
 	n := startNode(t, "a", caDir, outboundYAML)
-	if len(ztgoGoroutines()) == 0 {
-		t.Fatal("the leak check sees no goroutine of the running node; it could never fail")
-	}
+	meshtest.RequireZtgoGoroutines(t)
 
 	t.Run("Echo", func(t *testing.T) {
-		data, sum := payload(t, payloadSize)
+		data, sum := payload(2)
 		got, err := socksEcho(t, n.SOCKS5Addr(), remoteApp, data)
 		if err != nil {
 			t.Fatalf("through ztgo to Istio's server: %v", err)
@@ -315,7 +297,7 @@ func TestZtgoOutboundToIstioServer(t *testing.T) {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				data, sum := payload(t, payloadSize)
+				data, sum := payload(uint64(10 + i))
 				got, err := socksEcho(t, n.SOCKS5Addr(), remoteApp, data)
 				if err != nil {
 					t.Errorf("flow %d: %v", i, err)
@@ -345,7 +327,7 @@ func TestZtgoOutboundToIstioServer(t *testing.T) {
 	})
 
 	t.Run("WrongServerIdentityRefused", func(t *testing.T) {
-		c, rep, err := socksConnect(n.SOCKS5Addr(), clientIP, netip.AddrPortFrom(imposterIP, 9090))
+		c, rep, err := meshtest.SOCKS5(n.SOCKS5Addr(), clientIP, netip.AddrPortFrom(imposterIP, 9090).String(), ioTimeout)
 		if err != nil {
 			t.Fatalf("socks5: %v", err)
 		}

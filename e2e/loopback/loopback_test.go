@@ -8,58 +8,34 @@ import (
 	"crypto/tls"
 	"errors"
 	"io"
-	"math/rand/v2"
 	"net"
 	"net/netip"
-	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
+	"github.com/ztgo/ztgo/e2e/meshtest"
 	"github.com/ztgo/ztgo/runtime/node"
 	"github.com/ztgo/ztgo/stages/hbone"
 	"github.com/ztgo/ztgo/tls/ca"
 	"github.com/ztgo/ztgo/tls/spiffe"
 )
 
-func randomBytes(n int, seed uint64) []byte {
-	r := rand.New(rand.NewPCG(seed, 7))
-	b := make([]byte, n)
-	for i := 0; i+8 <= n; i += 8 {
-		u := r.Uint64()
-		for j := 0; j < 8; j++ {
-			b[i+j] = byte(u >> (8 * j))
-		}
-	}
-	return b
-}
-
-// roundTrip sends data through c while reading the echo concurrently, and returns the echo.
+// roundTrip sends data through c and half-closes it, and returns the echo read to EOF.
 func roundTrip(t *testing.T, c *net.TCPConn, data []byte) []byte {
 	t.Helper()
-	var got []byte
-	var rerr error
-	done := make(chan struct{})
-	go func() {
-		got, rerr = io.ReadAll(c)
-		close(done)
-	}()
-	if _, err := c.Write(data); err != nil {
-		t.Fatalf("write: %v", err)
-	}
-	c.CloseWrite()
-	<-done
-	if rerr != nil {
-		t.Fatalf("read: %v", rerr)
+	got, err := meshtest.RoundTrip(c, data)
+	if err != nil {
+		t.Fatal(err)
 	}
 	return got
 }
 
 func TestTransferSizesByteExact(t *testing.T) {
 	m := newMesh(t, "", nil)
-	app := startApp(t, serverIP+":8080", echo)
+	app := meshtest.StartApp(t, serverIP+":8080", meshtest.Echo)
 	sizes := []int{1, 1 << 20, 100 << 20}
 	if testing.Short() {
 		sizes = sizes[:2]
@@ -69,7 +45,7 @@ func TestTransferSizesByteExact(t *testing.T) {
 		if err != nil || code != 0 {
 			t.Fatalf("size %d: socks: code %d err %v", size, code, err)
 		}
-		data := randomBytes(size, uint64(size))
+		data := meshtest.RandomBytes(size, uint64(size))
 		got := roundTrip(t, c, data)
 		c.Close()
 		if len(got) != size || sha256.Sum256(got) != sha256.Sum256(data) {
@@ -77,8 +53,8 @@ func TestTransferSizesByteExact(t *testing.T) {
 		}
 	}
 	// The app saw the client's own address: node-b delivered from 127.20.1.10.
-	for _, p := range app.peerList() {
-		if !strings.HasPrefix(p, clientIP+":") {
+	for _, p := range app.Peers() {
+		if p.Addr() != netip.MustParseAddr(clientIP) {
 			t.Fatalf("app saw peer %s, want %s", p, clientIP)
 		}
 	}
@@ -86,7 +62,7 @@ func TestTransferSizesByteExact(t *testing.T) {
 
 func TestServiceVIPAndHostname(t *testing.T) {
 	m := newMesh(t, "", nil)
-	startApp(t, serverIP+":8080", echo)
+	meshtest.StartApp(t, serverIP+":8080", meshtest.Echo)
 	for _, target := range []string{echoVIP + ":80", "echo.default.svc.cluster.local:80"} {
 		c, code, err := m.socks(clientIP, target)
 		if err != nil || code != 0 {
@@ -103,7 +79,7 @@ func TestHalfClosePreserved(t *testing.T) {
 	m := newMesh(t, "", nil)
 	// The app reads to EOF and only then answers: the answer must still reach the client, so
 	// the client's FIN travelled as END_STREAM and the reverse direction stayed open.
-	startApp(t, serverIP+":8080", func(c *net.TCPConn) {
+	meshtest.StartApp(t, serverIP+":8080", func(_ *meshtest.App, c *net.TCPConn) {
 		in, _ := io.ReadAll(c)
 		c.Write(append([]byte("after-eof:"), in...))
 		c.CloseWrite()
@@ -137,7 +113,7 @@ func TestConcurrentFlowsSharePooledConnections(t *testing.T) {
 			release := make(chan struct{})
 			var arrived sync.WaitGroup
 			arrived.Add(200)
-			startApp(t, serverIP+":8080", func(c *net.TCPConn) {
+			meshtest.StartApp(t, serverIP+":8080", func(_ *meshtest.App, c *net.TCPConn) {
 				buf := make([]byte, 4)
 				io.ReadFull(c, buf)
 				arrived.Done()
@@ -194,8 +170,7 @@ func TestConcurrentFlowsSharePooledConnections(t *testing.T) {
 
 func TestPolicyDenyDeliversNothing(t *testing.T) {
 	m := newMesh(t, "", nil)
-	db := &app{}
-	db = startApp(t, dbIP+":5432", func(c *net.TCPConn) { db.countingSink(c) })
+	db := meshtest.StartApp(t, dbIP+":5432", meshtest.Sink)
 	c, code, err := m.socks(clientIP, dbIP+":5432")
 	if err != nil {
 		t.Fatal(err)
@@ -208,8 +183,8 @@ func TestPolicyDenyDeliversNothing(t *testing.T) {
 		t.Fatalf("SOCKS5 reply %d, want 2 (not allowed)", code)
 	}
 	time.Sleep(100 * time.Millisecond)
-	if len(db.peerList()) != 0 || db.received() != 0 {
-		t.Fatalf("db got %d connections and %d bytes", len(db.peerList()), db.received())
+	if len(db.Peers()) != 0 || db.Received() != 0 {
+		t.Fatalf("db got %d connections and %d bytes", len(db.Peers()), db.Received())
 	}
 	// node-b answered the CONNECT with 401 and counted a DENY; node-a saw the 401.
 	if n := testutil.ToFloat64(counterWith(t, m.b, "istio_tcp_connections_failed_total", "response_flags", "DENY")); n != 1 {
@@ -222,7 +197,7 @@ func TestPolicyDenyDeliversNothing(t *testing.T) {
 
 func TestPolicyChangeClosesEstablishedFlow(t *testing.T) {
 	m := newMesh(t, "", nil)
-	startApp(t, serverIP+":8080", echo)
+	meshtest.StartApp(t, serverIP+":8080", meshtest.Echo)
 	// Two flows: one from client (to be denied), one from client2 (stays allowed).
 	denied, code, err := m.socks(clientIP, serverIP+":8080")
 	if err != nil || code != 0 {
@@ -270,7 +245,7 @@ func TestPolicyChangeClosesEstablishedFlow(t *testing.T) {
 
 func TestWrongTrustDomainRejected(t *testing.T) {
 	m := newMesh(t, "", nil)
-	startApp(t, serverIP+":8080", echo)
+	meshtest.StartApp(t, serverIP+":8080", meshtest.Echo)
 	want := "spiffe://cluster.local/ns/default/sa/server"
 	// Same root, other trust domain: the chain verifies but the trust domain must match.
 	other := spiffe.ID{TrustDomain: "other.local", Namespace: "default", ServiceAccount: "client"}
@@ -283,7 +258,9 @@ func TestWrongTrustDomainRejected(t *testing.T) {
 		t.Fatal(err)
 	}
 	good := spiffe.ID{TrustDomain: "cluster.local", Namespace: "default", ServiceAccount: "client"}
-	if err := hboneConnect(t, foreign, good, want, serverIP+":15008", serverIP+":8080"); err == nil {
+	// The client trusts the mesh's root, so only the server's rejection of the foreign client
+	// certificate can make this fail.
+	if err := hboneConnectVia(t, foreign, m.caDir, good, want, serverIP+":15008", serverIP+":8080"); err == nil {
 		t.Fatal("a client with a certificate from a foreign CA was accepted")
 	}
 	// The control case: the right CA and trust domain work.
@@ -294,7 +271,7 @@ func TestWrongTrustDomainRejected(t *testing.T) {
 
 func TestAuthorityChecks(t *testing.T) {
 	m := newMesh(t, "", nil)
-	startApp(t, serverIP+":8080", echo)
+	meshtest.StartApp(t, serverIP+":8080", meshtest.Echo)
 	good := spiffe.ID{TrustDomain: "cluster.local", Namespace: "default", ServiceAccount: "client"}
 	want := "spiffe://cluster.local/ns/default/sa/server"
 	for _, tc := range []struct {
@@ -323,7 +300,23 @@ func TestAuthorityChecks(t *testing.T) {
 // server to be wantPeer, and CONNECTs to authority, echoing one message when it succeeds.
 func hboneConnect(t *testing.T, caDir string, id spiffe.ID, wantPeer, addr, authority string) error {
 	t.Helper()
-	tc, err := tls.Dial("tcp", addr, clientTLS(t, caDir, id, wantPeer))
+	return hboneConnectVia(t, caDir, caDir, id, wantPeer, addr, authority)
+}
+
+// hboneConnectVia is hboneConnect with the client certificate issued by the CA in certCA while
+// the server is verified against the roots of the CA in rootCA.
+func hboneConnectVia(t *testing.T, certCA, rootCA string, id spiffe.ID, wantPeer, addr, authority string) error {
+	t.Helper()
+	signer, err := ca.LoadOrCreate(certCA)
+	if err != nil {
+		t.Fatal(err)
+	}
+	trust, err := ca.LoadOrCreate(rootCA)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tc, err := tls.Dial("tcp", addr, meshtest.ClientTLS(meshtest.IssueCert(t, signer, id), trust.Roots(), wantPeer))
+
 	if err != nil {
 		return err
 	}
@@ -353,8 +346,8 @@ func hboneConnect(t *testing.T, caDir string, id spiffe.ID, wantPeer, addr, auth
 
 func TestPassthroughAndPlainWorkload(t *testing.T) {
 	m := newMesh(t, "", nil)
-	ext := startApp(t, externalIP+":7070", echo)
-	plain := startApp(t, plainIP+":9000", echo)
+	ext := meshtest.StartApp(t, externalIP+":7070", meshtest.Echo)
+	plain := meshtest.StartApp(t, plainIP+":9000", meshtest.Echo)
 	for _, target := range []string{externalIP + ":7070", plainIP + ":9000"} {
 		c, code, err := m.socks(clientIP, target)
 		if err != nil || code != 0 {
@@ -366,9 +359,9 @@ func TestPassthroughAndPlainWorkload(t *testing.T) {
 		c.Close()
 	}
 	// Plain TCP leaves from the source workload's address, as from its pod.
-	for _, a := range []*app{ext, plain} {
-		for _, p := range a.peerList() {
-			if ap := netip.MustParseAddrPort(p); ap.Addr().String() != clientIP {
+	for _, a := range []*meshtest.App{ext, plain} {
+		for _, p := range a.Peers() {
+			if p.Addr() != netip.MustParseAddr(clientIP) {
 				t.Fatalf("plain destination saw %s", p)
 			}
 		}
@@ -381,7 +374,7 @@ func TestPassthroughAndPlainWorkload(t *testing.T) {
 
 func TestUnknownSourceRefused(t *testing.T) {
 	m := newMesh(t, "", nil)
-	startApp(t, serverIP+":8080", echo)
+	meshtest.StartApp(t, serverIP+":8080", meshtest.Echo)
 	// 127.20.1.99 is no workload of node-a: it may not send into the mesh.
 	c, code, err := m.socks("127.20.1.99", serverIP+":8080")
 	if err != nil || c != nil || code != 2 {

@@ -112,6 +112,7 @@ type Node struct {
 	stop   sync.Once
 
 	mu          sync.Mutex
+	stopping    bool // set once by Stop: no listener opens and no relay starts after it
 	socksLn     net.Listener
 	inbound     map[netip.Addr]net.Listener
 	serverConns map[*hbone.Conn]struct{}
@@ -350,7 +351,7 @@ func (n *Node) reconcileInbound() {
 			n.log.Info("inbound HBONE listener closed", "addr", ln.Addr().String())
 		}
 	}
-	if n.ctx.Err() != nil {
+	if n.stopping || n.ctx.Err() != nil {
 		return
 	}
 	for ip := range want {
@@ -569,10 +570,19 @@ func (n *Node) established(f *stages.Flow) {
 			return
 		}
 	}
+	n.mu.Lock()
+	if n.stopping {
+		n.mu.Unlock()
+		f.Fail(stages.FailOverload, errors.New("proxy shutting down"))
+		n.failed(f)
+		return
+	}
+	// Add under mu: Stop sets stopping under mu before it waits, so no Add can follow the Wait.
+	n.relays.Add(1)
+	n.mu.Unlock()
 	n.fillTrace(f)
 	n.tel.Opened(f)
 	n.flows.Store(f.ID, f)
-	n.relays.Add(1)
 	go func() {
 		defer n.relays.Done()
 		res := n.relay.Run(f.Down, f.Up, &f.BytesSent, &f.BytesRecv)
@@ -633,6 +643,11 @@ func (n *Node) Stop(ctx context.Context) error {
 		return nil
 	}
 	n.mu.Lock()
+	if n.stopping {
+		n.mu.Unlock()
+		return nil
+	}
+	n.stopping = true
 	if n.socksLn != nil {
 		n.socksLn.Close()
 	}
@@ -648,11 +663,15 @@ func (n *Node) Stop(ctx context.Context) error {
 
 	dctx, cancel := context.WithTimeout(ctx, n.cfg.DrainTimeout)
 	defer cancel()
+	// GOAWAY first: peers stop sending new streams while existing ones finish.
 	var dw sync.WaitGroup
 	for _, c := range conns {
 		dw.Add(1)
 		go func() { defer dw.Done(); c.Shutdown(dctx) }()
 	}
+	// No flow enters the pipeline any more; flows in its stages finish or fail now, so no
+	// relay can start after the wait below begins.
+	n.pipeline.Stop()
 	done := make(chan struct{})
 	go func() { n.relays.Wait(); close(done) }()
 	select {
@@ -667,7 +686,6 @@ func (n *Node) Stop(ctx context.Context) error {
 	}
 	dw.Wait()
 	n.cancel()
-	n.pipeline.Stop()
 	n.pool.Close()
 	n.wg.Wait()
 	n.certs.Stop()
