@@ -234,11 +234,11 @@ type Hooks struct {
 type Pipeline struct {
 	stopped atomic.Bool
 	actors  [numStages]*actor
-	hooks  Hooks
-	nextID atomic.Uint64
-	m      *pipelineMetrics
-	wg     sync.WaitGroup
-	cancel context.CancelFunc
+	hooks   Hooks
+	nextID  atomic.Uint64
+	m       *pipelineMetrics
+	wg      sync.WaitGroup
+	cancel  context.CancelFunc
 }
 
 type actor struct {

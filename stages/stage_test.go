@@ -33,8 +33,13 @@ func newTestPipeline(t *testing.T, handle func(id ID) Stage, mailbox int, reg pr
 		cfgs[id] = StageConfig{Stage: handle(id), Workers: 1, Mailbox: mailbox}
 	}
 	p, err := NewPipeline(cfgs, Hooks{
-		Established: func(f *Flow) { r.mu.Lock(); r.established = append(r.established, f); r.mu.Unlock(); r.done <- struct{}{} },
-		Failed:      func(f *Flow) { r.mu.Lock(); r.failed = append(r.failed, f); r.mu.Unlock(); r.done <- struct{}{} },
+		Established: func(f *Flow) {
+			r.mu.Lock()
+			r.established = append(r.established, f)
+			r.mu.Unlock()
+			r.done <- struct{}{}
+		},
+		Failed: func(f *Flow) { r.mu.Lock(); r.failed = append(r.failed, f); r.mu.Unlock(); r.done <- struct{}{} },
 	}, reg)
 	if err != nil {
 		t.Fatal(err)
