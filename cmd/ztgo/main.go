@@ -145,7 +145,7 @@ func runNode(args []string, stderr io.Writer) int {
 		PoolMaxStreams: uint32(*maxStreams), PoolIdleTimeout: *poolIdle, Mark: *mark, Transparent: *origSrc,
 		Workers: *workers, DrainTimeout: *drain, LogAuthzInfo: *authzInfo,
 		DebugSnapshot: snapshot.DebugFromEnv(os.Getenv),
-		Logger: log, Level: level,
+		Logger:        log, Level: level,
 	})
 	if err != nil {
 		log.Error("ztgo cannot start", "error", err)
