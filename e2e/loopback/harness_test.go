@@ -25,6 +25,8 @@ const (
 	serverIP   = "127.20.2.10"
 	dbIP       = "127.20.2.20"
 	plainIP    = "127.20.2.30" // a TCP (non-HBONE) mesh workload
+	waypointIP = "127.20.2.40" // the waypoint of service echo-wp
+	echoWpVIP  = "127.20.100.2"
 	externalIP = "127.20.3.10" // not in the mesh
 	echoVIP    = "127.20.100.1"
 )
@@ -55,6 +57,7 @@ workloads:
   canonicalName: server
   services:
     "default/echo.default.svc.cluster.local": {80: 8080}
+    "default/echo-wp.default.svc.cluster.local": {8081: 8080}
 - uid: Kubernetes//v1/Pod/prod/db
   name: db
   namespace: prod
@@ -68,12 +71,25 @@ workloads:
   workloadIps: ["127.20.2.30"]
   protocol: TCP
   node: node-b
+- uid: Kubernetes//v1/Pod/default/waypoint
+  name: waypoint
+  namespace: default
+  serviceAccount: waypoint
+  workloadIps: ["127.20.2.40"]
+  protocol: HBONE
+  node: node-b
 services:
 - name: echo
   namespace: default
   hostname: echo.default.svc.cluster.local
   vips: ["/127.20.100.1"]
   ports: {80: 8080}
+- name: echo-wp
+  namespace: default
+  hostname: echo-wp.default.svc.cluster.local
+  vips: ["/127.20.100.2"]
+  ports: {8081: 8080}
+  waypoint: {destination: "/127.20.2.40", hboneMtlsPort: 15008}
 policies:
 - name: prod-only
   namespace: prod

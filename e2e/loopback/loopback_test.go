@@ -10,6 +10,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -379,5 +380,36 @@ func TestUnknownSourceRefused(t *testing.T) {
 	c, code, err := m.socks("127.20.1.99", serverIP+":8080")
 	if err != nil || c != nil || code != 2 {
 		t.Fatalf("unknown source: conn %v code %d err %v", c != nil, code, err)
+	}
+}
+
+// TestServiceWaypoint: a service with a waypoint is reached through it. node-a sends HBONE to
+// the waypoint's node with the original VIP:port as :authority; node-b accepts that authority
+// on the waypoint's address (it is the VIP's waypoint) and delivers to the waypoint's own
+// address on the service port, where the waypoint proxy (here an echo) listens.
+func TestServiceWaypoint(t *testing.T) {
+	m := newMesh(t, "", nil)
+	server := meshtest.StartApp(t, serverIP+":8080", meshtest.Echo)
+	wp := meshtest.StartApp(t, waypointIP+":8081", meshtest.Echo)
+	c, code, err := meshtest.SOCKS5(m.a.SOCKS5Addr(), netip.MustParseAddr(clientIP), echoWpVIP+":8081", 10*time.Second)
+	if err != nil || code != 0 {
+		t.Fatalf("code %d err %v", code, err)
+	}
+	got, err := meshtest.RoundTrip(c, []byte("via waypoint"))
+	c.Close()
+	if err != nil || string(got) != "via waypoint" {
+		t.Fatalf("got %q %v", got, err)
+	}
+	if peers := wp.Peers(); len(peers) != 1 || peers[0].Addr().String() != clientIP {
+		t.Fatalf("waypoint saw %v, want one flow from %s", peers, clientIP)
+	}
+	if n := len(server.Peers()); n != 0 {
+		t.Fatalf("the service's endpoint was reached directly %d times, bypassing the waypoint", n)
+	}
+	// node-a's pool holds a connection to the waypoint, expecting its identity.
+	stats := m.a.Pool().Snapshot()
+	if len(stats) != 1 || stats[0].Key.Dst.String() != waypointIP+":15008" ||
+		!strings.Contains(stats[0].Key.DstSANs, "spiffe://cluster.local/ns/default/sa/waypoint") {
+		t.Fatalf("pool = %+v", stats)
 	}
 }
