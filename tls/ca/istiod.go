@@ -704,7 +704,7 @@ func buildHeaders(h map[string]string) (metadata.MD, error) {
 		}
 		for i := 0; i < len(key); i++ {
 			if b := key[i]; !(b >= 'a' && b <= 'z' || b >= '0' && b <= '9' || b == '-' || b == '_' || b == '.') {
-				return nil, fmt.Errorf("header %q: name may hold only letters, digits and - _ .", k)
+				return nil, fmt.Errorf("header %q: name may hold only letters, digits, dash, underscore and dot", k)
 			}
 		}
 		if err := checkHeaderValue(v); err != nil {
