@@ -19,8 +19,10 @@ import (
 	"time"
 
 	"github.com/ztgo/ztgo/control/snapshot"
+	"github.com/ztgo/ztgo/control/xds"
 	"github.com/ztgo/ztgo/runtime/buildinfo"
 	"github.com/ztgo/ztgo/runtime/node"
+	"github.com/ztgo/ztgo/tls/ca"
 )
 
 //go:embed default.yaml
@@ -87,11 +89,52 @@ func envBool(key string, def bool) bool {
 	return def
 }
 
+// envPrefixed collects VAR_<K>=V variables with the prefix stripped (XDS_HEADER_*, ...).
+func envPrefixed(prefix string) map[string]string {
+	out := map[string]string{}
+	for _, kv := range os.Environ() {
+		k, v, _ := strings.Cut(kv, "=")
+		if name, ok := strings.CutPrefix(k, prefix); ok && name != "" {
+			out[name] = v
+		}
+	}
+	return out
+}
+
+// istiodDefault is ztunnel's default istiod address: the in-cluster service when running in
+// Kubernetes, localhost otherwise.
+func istiodDefault() string {
+	if os.Getenv("KUBERNETES_SERVICE_HOST") != "" {
+		return "https://istiod.istio-system.svc:15012"
+	}
+	return "https://localhost:15012"
+}
+
+// token maps AUTH_TOKEN as ztunnel does: a path to an existing file, else a literal token; by
+// default the projected service account token, if present.
+func token() (file, literal string) {
+	v, ok := os.LookupEnv("AUTH_TOKEN")
+	if !ok {
+		const def = "./var/run/secrets/tokens/istio-token"
+		if _, err := os.Stat(def); err == nil {
+			return def, ""
+		}
+		return "", ""
+	}
+	if _, err := os.Stat(v); err == nil {
+		return v, ""
+	}
+	return "", v
+}
+
 func runNode(args []string, stderr io.Writer) int {
 	fs := flag.NewFlagSet("ztgo run", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	var (
 		cfgPath     = fs.String("config", env("LOCAL_XDS_PATH", ""), "local config YAML, ztunnel's LOCAL_XDS format (env LOCAL_XDS_PATH; LOCAL_XDS for inline YAML); default: the built-in example mesh")
+		source      = fs.String("source", env("ZTGO_CONFIG_SOURCE", ""), "where the mesh comes from: local, xds (istiod), or both (istiod plus the local config on top); default: xds inside Kubernetes without a local config, else local")
+		xdsAddr     = fs.String("xds-address", env("XDS_ADDRESS", istiodDefault()), "istiod xDS address (env XDS_ADDRESS)")
+		caAddr      = fs.String("ca-address", env("CA_ADDRESS", ""), "istiod CA address (env CA_ADDRESS); default: istiod's when the mesh comes from xds, else the built-in CA")
 		nodeName    = fs.String("node", env("NODE_NAME", "ztgo"), "this node's name: workloads with this node are local (env NODE_NAME)")
 		network     = fs.String("network", env("NETWORK", ""), "this node's network (env NETWORK)")
 		caDir       = fs.String("ca-dir", env("ZTGO_CA_DIR", ""), "built-in CA directory in Istio's plug-in layout (ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem), created if absent; empty: an in-memory CA")
@@ -137,8 +180,39 @@ func runNode(args []string, stderr io.Writer) int {
 		return 2
 	}
 
+	src := *source
+	if src == "" {
+		src = node.SourceLocal
+		if os.Getenv("KUBERNETES_SERVICE_HOST") != "" && *cfgPath == "" && os.Getenv("LOCAL_XDS") == "" {
+			src = node.SourceXDS
+		}
+	}
+	tokenFile, tokenLiteral := token()
+	clusterID := env("CLUSTER_ID", env("ISTIO_META_CLUSTER_ID", "Kubernetes"))
+	tls12 := envBool("TLS12_ENABLED", false)
+	xdsCfg := xds.Config{
+		Address: *xdsAddr, RootCA: env("XDS_ROOT_CA", "./var/run/secrets/istio/root-cert.pem"),
+		AltHostname: os.Getenv("ALT_XDS_HOSTNAME"), AllowTLS12: tls12,
+		TokenFile: tokenFile, Token: tokenLiteral, ClusterID: clusterID, Headers: envPrefixed("XDS_HEADER_"),
+		InstanceIP: os.Getenv("INSTANCE_IP"), PodName: os.Getenv("POD_NAME"), PodNamespace: os.Getenv("POD_NAMESPACE"),
+		NodeName: *nodeName, ProxyMetadata: envPrefixed("ISTIO_META_"), MetadataJSON: envPrefixed("ISTIO_METAJSON_"),
+	}
+	var istiodCA *ca.IstiodConfig
+	caAddress := *caAddr
+	if caAddress == "" && src != node.SourceLocal && *caDir == "" {
+		caAddress = istiodDefault()
+	}
+	if caAddress != "" {
+		istiodCA = &ca.IstiodConfig{
+			Address: caAddress, RootCA: env("CA_ROOT_CA", "./var/run/secrets/istio/root-cert.pem"),
+			AltHostname: os.Getenv("ALT_CA_HOSTNAME"), TokenFile: tokenFile, Token: tokenLiteral,
+			ClusterID: clusterID, Headers: envPrefixed("CA_HEADER_"), TLS12: tls12,
+			Dedicated: env("PROXY_MODE", "shared") == "dedicated",
+		}
+	}
+
 	n, err := node.New(node.Config{
-		Name: *nodeName, Network: *network,
+		Name: *nodeName, Network: *network, Source: src, XDS: xdsCfg, IstiodCA: istiodCA,
 		ConfigPath: *cfgPath, ConfigInline: os.Getenv("LOCAL_XDS"), DefaultConfig: defaultConfig,
 		CADir: *caDir, TrustDomain: *trustDomain, CertTTL: *certTTL,
 		SOCKS5Addr: *socks5, AdminAddr: *adminAddr, MetricsAddr: *metrics, ReadinessAddr: *readiness,

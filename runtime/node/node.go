@@ -28,6 +28,7 @@ import (
 	"github.com/ztgo/ztgo/connpool"
 	"github.com/ztgo/ztgo/control/localfile"
 	"github.com/ztgo/ztgo/control/snapshot"
+	"github.com/ztgo/ztgo/control/xds"
 	"github.com/ztgo/ztgo/runtime/admin"
 	"github.com/ztgo/ztgo/runtime/buildinfo"
 	"github.com/ztgo/ztgo/runtime/relay"
@@ -49,11 +50,19 @@ type Config struct {
 	Name string
 	// Network is this node's network (NETWORK).
 	Network string
+	// Source picks where the mesh comes from: SourceLocal (the default), SourceXDS, or
+	// SourceBoth (istiod, with the local config as a static overlay on top).
+	Source string
+	// XDS configures the istiod client for SourceXDS and SourceBoth.
+	XDS xds.Config
 	// ConfigPath (LOCAL_XDS_PATH) or ConfigInline (LOCAL_XDS) give the mesh; with neither,
 	// DefaultConfig is used.
 	ConfigPath, ConfigInline string
 	DefaultConfig            []byte
 	ConfigPollInterval       time.Duration
+	// IstiodCA, when set, gets certificates from istiod's CA (CA_ADDRESS); otherwise the
+	// built-in CA signs them.
+	IstiodCA *ca.IstiodConfig
 	// CADir is the built-in CA's plug-in directory; empty means an in-memory CA.
 	CADir string
 	// TrustDomain of the in-memory CA (TRUST_DOMAIN).
@@ -82,6 +91,13 @@ type Config struct {
 	Registry *prometheus.Registry
 }
 
+// Mesh sources.
+const (
+	SourceLocal = "local"
+	SourceXDS   = "xds"
+	SourceBoth  = "both"
+)
+
 // Node is one running ztgo node.
 type Node struct {
 	cfg   Config
@@ -89,21 +105,26 @@ type Node struct {
 	reg   *prometheus.Registry
 	store *snapshot.Store
 
-	source   *localfile.Source
-	signer   *ca.Local
-	certs    *certs.Manager
-	pool     *connpool.Pool
-	dialer   *upstream.Dialer
-	tracker  *authz.Tracker
-	pipeline *stages.Pipeline
-	relay    *relay.Relay
-	rec      *trace.Recorder
-	tel      *telemetry.Telemetry
-	admin    *admin.Server
-	ready    *admin.Readiness
+	source *localfile.Source // nil with SourceXDS
+	xds    *xds.Client       // nil with SourceLocal
+	// With SourceBoth the two sources write their own stores and merge publishes into store.
+	xdsStore, fileStore *snapshot.Store
+	signer              ca.Signer
+	istiod              *ca.Istiod
+	certs               *certs.Manager
+	pool                *connpool.Pool
+	dialer              *upstream.Dialer
+	tracker             *authz.Tracker
+	pipeline            *stages.Pipeline
+	relay               *relay.Relay
+	rec                 *trace.Recorder
+	tel                 *telemetry.Telemetry
+	admin               *admin.Server
+	ready               *admin.Readiness
 
 	serverTLS *tls.Config
 	handshake chan struct{} // bounds concurrent inbound TLS handshakes
+	prefetch  chan struct{} // wakes the certificate prefetcher
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -150,12 +171,13 @@ func New(cfg Config) (*Node, error) {
 		cfg: cfg, log: cfg.Logger, reg: cfg.Registry,
 		store:       snapshot.NewStore(),
 		handshake:   make(chan struct{}, 256),
+		prefetch:    make(chan struct{}, 1),
 		quit:        make(chan struct{}),
 		inbound:     map[netip.Addr]net.Listener{},
 		serverConns: map[*hbone.Conn]struct{}{},
 		flows:       xsync.NewMapOf[uint64, *stages.Flow](),
 		relay:       relay.New(0),
-		ready:       admin.NewReadiness("config", "certificates", "proxy"),
+		ready:       admin.NewReadiness("state manager", "certificates", "proxy"),
 	}
 	n.store.VerifyImmutable = cfg.DebugSnapshot
 	n.store.Logger = cfg.Logger
@@ -168,6 +190,7 @@ func New(cfg Config) (*Node, error) {
 		Name: "ztgo_relay_buffers_in_use", Help: "Copy buffers held by flows (bytes in flight; idle flows hold none).",
 	}, func() float64 { return float64(n.relay.BuffersInUse()) }))
 
+	var err error
 	cm, err := localfile.NewMetrics(reg)
 	if err != nil {
 		return nil, err
@@ -176,24 +199,52 @@ func New(cfg Config) (*Node, error) {
 	if cfg.ConfigPollInterval > 0 {
 		opts = append(opts, localfile.WithPollInterval(cfg.ConfigPollInterval))
 	}
-	switch {
-	case cfg.ConfigPath != "":
-		n.source, err = localfile.NewFile(cfg.ConfigPath, n.store, cfg.Logger, opts...)
-	case cfg.ConfigInline != "":
-		n.source, err = localfile.NewInline(cfg.ConfigInline, n.store, cfg.Logger, opts...)
+	switch cfg.Source {
+	case "", SourceLocal, SourceXDS, SourceBoth:
 	default:
-		n.source, err = localfile.NewInline(string(cfg.DefaultConfig), n.store, cfg.Logger, opts...)
+		return nil, fmt.Errorf("config source %q: want %s, %s or %s", cfg.Source, SourceLocal, SourceXDS, SourceBoth)
 	}
-	if err != nil {
-		return nil, fmt.Errorf("config source: %w", err)
+	fileStore, xdsStore := n.store, n.store
+	if cfg.Source == SourceBoth {
+		n.fileStore, n.xdsStore = snapshot.NewStore(), snapshot.NewStore()
+		fileStore, xdsStore = n.fileStore, n.xdsStore
 	}
-	if cfg.CADir != "" {
-		n.signer, err = ca.LoadOrCreate(cfg.CADir)
-	} else {
-		n.signer, err = ca.NewEphemeral(cfg.TrustDomain)
+	if cfg.Source != SourceXDS {
+		switch {
+		case cfg.ConfigPath != "":
+			n.source, err = localfile.NewFile(cfg.ConfigPath, fileStore, cfg.Logger, opts...)
+		case cfg.ConfigInline != "":
+			n.source, err = localfile.NewInline(cfg.ConfigInline, fileStore, cfg.Logger, opts...)
+		default:
+			n.source, err = localfile.NewInline(string(cfg.DefaultConfig), fileStore, cfg.Logger, opts...)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("config source: %w", err)
+		}
 	}
-	if err != nil {
-		return nil, fmt.Errorf("built-in CA: %w", err)
+	if cfg.Source == SourceXDS || cfg.Source == SourceBoth {
+		if n.xds, err = xds.New(cfg.XDS, xdsStore, cfg.Logger.With("scope", "xds"), reg); err != nil {
+			return nil, fmt.Errorf("xds client: %w", err)
+		}
+	}
+	switch {
+	case cfg.IstiodCA != nil:
+		icfg := *cfg.IstiodCA
+		if icfg.Logger == nil {
+			icfg.Logger = cfg.Logger.With("scope", "ca")
+		}
+		if n.istiod, err = ca.NewIstiod(icfg); err != nil {
+			return nil, fmt.Errorf("istiod CA client: %w", err)
+		}
+		n.signer = n.istiod
+	case cfg.CADir != "":
+		if n.signer, err = ca.LoadOrCreate(cfg.CADir); err != nil {
+			return nil, fmt.Errorf("built-in CA: %w", err)
+		}
+	default:
+		if n.signer, err = ca.NewEphemeral(cfg.TrustDomain); err != nil {
+			return nil, fmt.Errorf("built-in CA: %w", err)
+		}
 	}
 	n.certs, err = certs.New(certs.Config{Signer: n.signer, TTL: cfg.CertTTL, Logger: cfg.Logger, Registerer: reg})
 	if err != nil {
@@ -269,10 +320,33 @@ func (n *Node) requestQuit() {
 // listener.
 func (n *Node) Start(ctx context.Context) error {
 	n.ctx, n.cancel = context.WithCancel(context.Background())
-	if err := n.source.Start(n.ctx); err != nil {
-		return fmt.Errorf("load config: %w", err)
+	if n.source != nil {
+		if err := n.source.Start(n.ctx); err != nil {
+			return fmt.Errorf("load config: %w", err)
+		}
 	}
-	n.ready.Done("config")
+	if n.xds != nil {
+		if err := n.xds.Start(n.ctx); err != nil {
+			return fmt.Errorf("start xds: %w", err)
+		}
+		n.wg.Add(1)
+		go func() {
+			defer n.wg.Done()
+			select {
+			case <-n.xds.Ready():
+				n.ready.Done("state manager")
+			case <-n.ctx.Done():
+			}
+		}()
+	}
+	if n.xdsStore != nil {
+		n.mergeSources()
+		n.wg.Add(1)
+		go n.watchSources()
+	}
+	if n.xds == nil {
+		n.ready.Done("state manager")
+	}
 	if err := n.certs.Start(n.ctx); err != nil {
 		return fmt.Errorf("start certificates: %w", err)
 	}
@@ -299,7 +373,7 @@ func (n *Node) Start(ctx context.Context) error {
 	n.wg.Add(1)
 	go n.watchSnapshots()
 	n.wg.Add(1)
-	go n.prefetchCerts()
+	go n.prefetchLoop()
 	n.ready.Done("proxy")
 	n.log.Info("ztgo node started", "node", n.cfg.Name, "version", buildinfo.Version,
 		"socks5", n.SOCKS5Addr(), "admin", n.admin.Addr("admin"), "metrics", n.admin.Addr("metrics"),
@@ -329,6 +403,10 @@ func (n *Node) watchSnapshots() {
 		case <-ch:
 			n.reconcileInbound()
 			n.forgetUnusedCerts()
+			select {
+			case n.prefetch <- struct{}{}:
+			default:
+			}
 		}
 	}
 }
@@ -371,18 +449,32 @@ func (n *Node) reconcileInbound() {
 	}
 }
 
-// prefetchCerts asks for the certificates of local HBONE workloads up front, so the first
-// connection does not wait for a signing.
-func (n *Node) prefetchCerts() {
+// prefetchLoop asks for the certificates of local HBONE workloads whenever the mesh changes,
+// so the first connection of a workload does not wait for a signing. "certificates" becomes
+// ready after the first round that ran once the mesh was loaded.
+func (n *Node) prefetchLoop() {
 	defer n.wg.Done()
-	for _, w := range n.localWorkloads(n.store.Load()) {
-		ctx, cancel := context.WithTimeout(n.ctx, 30*time.Second)
-		if _, err := n.certs.Get(ctx, w.Identity()); err != nil && n.ctx.Err() == nil {
-			n.log.Warn("certificate prefetch failed", "identity", w.Identity().String(), "error", err)
+	first := true
+	for {
+		if n.store.Load().Version() > 0 {
+			for _, w := range n.localWorkloads(n.store.Load()) {
+				ctx, cancel := context.WithTimeout(n.ctx, 30*time.Second)
+				if _, err := n.certs.Get(ctx, w.Identity()); err != nil && n.ctx.Err() == nil {
+					n.log.Warn("certificate prefetch failed", "identity", w.Identity().String(), "error", err)
+				}
+				cancel()
+			}
+			if first {
+				n.ready.Done("certificates")
+				first = false
+			}
 		}
-		cancel()
+		select {
+		case <-n.ctx.Done():
+			return
+		case <-n.prefetch:
+		}
 	}
-	n.ready.Done("certificates")
 }
 
 // forgetUnusedCerts drops certificates of identities no local workload has any more.
@@ -689,9 +781,49 @@ func (n *Node) Stop(ctx context.Context) error {
 	n.pool.Close()
 	n.wg.Wait()
 	n.certs.Stop()
-	n.source.Stop()
+	if n.source != nil {
+		n.source.Stop()
+	}
+	if n.xds != nil {
+		n.xds.Stop()
+	}
+	if n.istiod != nil {
+		n.istiod.Close()
+	}
 	n.admin.Stop(ctx)
 	return nil
+}
+
+// watchSources republishes the merged view whenever either source of SourceBoth changes.
+func (n *Node) watchSources() {
+	defer n.wg.Done()
+	chX, cancelX := n.xdsStore.Subscribe()
+	defer cancelX()
+	chF, cancelF := n.fileStore.Subscribe()
+	defer cancelF()
+	for {
+		select {
+		case <-n.ctx.Done():
+			return
+		case <-chX:
+		case <-chF:
+		}
+		n.mergeSources()
+	}
+}
+
+// mergeSources publishes istiod's view with the local config applied on top: a local
+// workload, service or policy replaces istiod's of the same key.
+func (n *Node) mergeSources() {
+	base, over := n.xdsStore.Load(), n.fileStore.Load()
+	merged, errs := base.Apply(snapshot.Delta{Workloads: over.Workloads(), Services: over.Services(), Policies: over.Policies()})
+	for _, e := range errs {
+		n.log.Warn("local overlay resource rejected", "error", e.Error())
+	}
+	if merged == base {
+		return // nothing applicable; base belongs to the xDS store and must not be republished
+	}
+	n.store.Publish(merged)
 }
 
 func addrPort(a net.Addr) netip.AddrPort {
