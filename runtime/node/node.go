@@ -340,9 +340,12 @@ func (n *Node) Start(ctx context.Context) error {
 		}()
 	}
 	if n.xdsStore != nil {
+		// Subscribe before the first merge: a publish in between would otherwise be missed.
+		chX, cancelX := n.xdsStore.Subscribe()
+		chF, cancelF := n.fileStore.Subscribe()
 		n.mergeSources()
 		n.wg.Add(1)
-		go n.watchSources()
+		go n.watchSources(chX, chF, func() { cancelX(); cancelF() })
 	}
 	if n.xds == nil {
 		n.ready.Done("state manager")
@@ -369,9 +372,11 @@ func (n *Node) Start(ctx context.Context) error {
 		n.wg.Add(1)
 		go n.acceptSOCKS(ln)
 	}
+	// Subscribe before the first look at the store, so no publish falls in between.
+	snapCh, snapCancel := n.store.Subscribe()
 	n.reconcileInbound()
 	n.wg.Add(1)
-	go n.watchSnapshots()
+	go n.watchSnapshots(snapCh, snapCancel)
 	n.wg.Add(1)
 	go n.prefetchLoop()
 	n.ready.Done("proxy")
@@ -392,9 +397,8 @@ func (n *Node) localWorkloads(s *snapshot.Snapshot) []*snapshot.Workload {
 	return out
 }
 
-func (n *Node) watchSnapshots() {
+func (n *Node) watchSnapshots(ch <-chan struct{}, cancel func()) {
 	defer n.wg.Done()
-	ch, cancel := n.store.Subscribe()
 	defer cancel()
 	for {
 		select {
@@ -795,12 +799,9 @@ func (n *Node) Stop(ctx context.Context) error {
 }
 
 // watchSources republishes the merged view whenever either source of SourceBoth changes.
-func (n *Node) watchSources() {
+func (n *Node) watchSources(chX, chF <-chan struct{}, cancel func()) {
 	defer n.wg.Done()
-	chX, cancelX := n.xdsStore.Subscribe()
-	defer cancelX()
-	chF, cancelF := n.fileStore.Subscribe()
-	defer cancelF()
+	defer cancel()
 	for {
 		select {
 		case <-n.ctx.Done():
