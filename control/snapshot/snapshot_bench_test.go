@@ -129,7 +129,7 @@ func BenchmarkBuild100k(b *testing.B) {
 }
 
 func BenchmarkWorkloadByAddr(b *testing.B) {
-	s := mustBuild(b, meshConfig(benchWorkloads, benchServices))
+	s := benchBase()
 	ips := make([]netip.Addr, 4096)
 	for i, p := range probes(len(ips), benchWorkloads) {
 		ips[i] = workloadAddr(p)
@@ -170,7 +170,7 @@ func BenchmarkWorkloadByAddr(b *testing.B) {
 }
 
 func BenchmarkServiceByVIP(b *testing.B) {
-	s := mustBuild(b, meshConfig(benchWorkloads, benchServices))
+	s := benchBase()
 	vips := make([]netip.Addr, 4096)
 	cidrs := make([]netip.Addr, 4096)
 	for i, p := range probes(len(vips), benchServices) {
@@ -202,7 +202,7 @@ func BenchmarkServiceByVIP(b *testing.B) {
 // BenchmarkFingerprint100k is the cost VerifyImmutable adds to each Publish (twice: the old
 // snapshot is checked, the new one recorded).
 func BenchmarkFingerprint100k(b *testing.B) {
-	s := mustBuild(b, meshConfig(benchWorkloads, benchServices))
+	s := benchBase()
 	fp := takeFingerprint(s)
 	b.ReportAllocs()
 	for b.Loop() {
@@ -215,7 +215,20 @@ func BenchmarkFingerprint100k(b *testing.B) {
 // TestLookupsDoNotAllocate guards the promise in Snapshot's doc: the lookups a flow makes cost
 // no allocation.
 func TestLookupsDoNotAllocate(t *testing.T) {
-	s := mustBuild(t, meshConfig(2000, 200))
+	built := mustBuild(t, meshConfig(2000, 200))
+	// The same lookups on a snapshot Apply made, whose tables are part shared, part its own.
+	w := *built.WorkloadByUID("Kubernetes//Pod/ns-7/w-7")
+	w.Hostname = "vm.example.com"
+	applied, rerrs := built.Apply(Delta{Workloads: []*Workload{&w}})
+	if len(rerrs) > 0 {
+		t.Fatal(rerrs)
+	}
+	for _, s := range []*Snapshot{built, applied} {
+		lookupsDoNotAllocate(t, s)
+	}
+}
+
+func lookupsDoNotAllocate(t *testing.T, s *Snapshot) {
 	svc := s.ServiceByKey(NamespacedHostname{Namespace: "ns-1", Hostname: "svc-1.ns-1.svc.cluster.local"})
 	if svc == nil || len(s.Endpoints(svc)) == 0 {
 		t.Fatal("fixture lacks svc-1 with endpoints")
@@ -224,6 +237,7 @@ func TestLookupsDoNotAllocate(t *testing.T) {
 	cidrIP := cidrVIPOf(100).Addr().Next()
 	mapped := netip.AddrFrom16(workloadAddr(7).As16())
 	gw := &GatewayAddress{Hostname: &NamespacedHostname{Namespace: "ns-1", Hostname: svc.Hostname}}
+	vm := NamespacedHostname{Namespace: "ns-7", Hostname: "vm.example.com"}
 	for _, tc := range []struct {
 		name string
 		f    func() bool
@@ -243,6 +257,13 @@ func TestLookupsDoNotAllocate(t *testing.T) {
 		{"ResolveGateway", func() bool {
 			_, _, ok := s.ResolveGateway(gw)
 			return ok
+		}},
+		{"WorkloadByHostname", func() bool {
+			// Only the applied snapshot has a workload with this hostname.
+			if w := s.WorkloadByUID("Kubernetes//Pod/ns-7/w-7"); w.Hostname != "" {
+				return s.WorkloadByHostname(vm) == w
+			}
+			return s.WorkloadByHostname(vm) == nil
 		}},
 	} {
 		if !tc.f() {

@@ -44,8 +44,8 @@ func NewStore() *Store {
 // Load returns the current snapshot.
 func (st *Store) Load() *Snapshot { return st.cur.Load() }
 
-// Publish makes s current, stamping it with the next version. s must come fresh from Build and
-// must not have been published before.
+// Publish makes s current, stamping it with the next version. s must come fresh from Build or
+// Apply and must not have been published before.
 func (st *Store) Publish(s *Snapshot) {
 	st.pubMu.Lock()
 	if st.VerifyImmutable {

@@ -77,7 +77,8 @@ func (st *Store) report(err error) {
 }
 
 // fingerprint is what the immutability check remembers of a snapshot: a 64-bit digest per
-// object (workload, service, service endpoint list, policy, and the snapshot's own lists), which
+// object (workload, service, service endpoint list, policy, the snapshot's own lists, and its
+// indexes, shared shard by shard with the snapshots Apply makes from it), which
 // detects a change, and one digest byte per field, which names the changed field (a 1 in 256
 // collision can hide the name, never the change). Comparing digests rather than a deep copy
 // keeps the check at a few bytes per object.
@@ -92,14 +93,16 @@ const (
 	workloadFields = 25
 	serviceFields  = 13
 	policyFields   = 6
+	listFields     = 2
+	indexFields    = 13
 )
 
 func takeFingerprint(s *Snapshot) *fingerprint {
-	objects := len(s.workloads) + 2*len(s.services) + len(s.policies) + 1
+	nw, ns, np := len(s.Workloads()), len(s.Services()), len(s.Policies())
 	f := &fingerprint{
 		snap:   s,
-		sums:   make([]uint64, 0, objects),
-		fields: make([]uint8, 0, workloadFields*len(s.workloads)+(serviceFields+2)*len(s.services)+policyFields*len(s.policies)+2),
+		sums:   make([]uint64, 0, nw+2*ns+np+2),
+		fields: make([]uint8, 0, workloadFields*nw+(serviceFields+2)*ns+policyFields*np+listFields+indexFields),
 	}
 	p := printer{fp: f}
 	p.walk(s)
@@ -141,28 +144,31 @@ type printer struct {
 }
 
 func (p *printer) walk(s *Snapshot) {
-	for i, w := range s.workloads {
+	for i, w := range s.Workloads() {
 		p.begin("workloads", i, w)
 		p.workload(w)
 		p.end()
 	}
-	for i, svc := range s.services {
+	for i, svc := range s.Services() {
 		p.begin("services", i, svc)
 		p.service(svc)
 		p.end()
 	}
-	for i, svc := range s.services {
+	for i, svc := range s.Services() {
 		p.begin("endpoints", i, svc)
-		p.endpoints(s.endpoints[svc])
+		p.endpoints(s.Endpoints(svc))
 		p.end()
 	}
-	for i, pol := range s.policies {
+	for i, pol := range s.Policies() {
 		p.begin("policies", i, pol)
 		p.policy(pol)
 		p.end()
 	}
 	p.begin("lists", 0, nil)
 	p.lists(s)
+	p.end()
+	p.begin("indexes", 0, nil)
+	p.indexes(&s.idx)
 	p.end()
 }
 
@@ -331,16 +337,89 @@ func (p *printer) policy(pol *Policy) {
 // lists digests the snapshot's own slices that accessors hand out: a caller writing into one
 // changes what every other reader sees.
 func (p *printer) lists(s *Snapshot) {
-	p.field("StagedServices", fnvOffset.strs(s.staged))
-	var set uint64 // map order varies, so entries are summed
-	for ns, l := range s.policiesByNS {
+	p.field("StagedServices", fnvOffset.strs(s.StagedServices()))
+	p.field("NamespacePolicies", digestTable(s.idx.policiesByNS, func(ns string, l []*Policy) fnv {
 		h := fnvOffset.str(ns).u64(uint64(len(l)))
 		for _, pol := range l {
 			h = h.str(pol.Namespace).str(pol.Name)
 		}
-		set += h.mix()
+		return h
+	}))
+}
+
+// indexes digests every index: what each key leads to (by uid or key; the objects themselves
+// are digested above). Apply shares index shards between snapshots, so a write into a shard
+// that should have been cloned first shows up here, in the snapshot that still holds it.
+func (p *printer) indexes(x *indexes) {
+	uids := func(h fnv, l []*Workload) fnv {
+		h = h.u64(uint64(len(l)))
+		for _, w := range l {
+			h = h.str(w.UID)
+		}
+		return h
 	}
-	p.field("NamespacePolicies", fnvOffset.u64(uint64(len(s.policiesByNS))).u64(set))
+	keys := func(h fnv, l []*Service) fnv {
+		h = h.u64(uint64(len(l)))
+		for _, svc := range l {
+			h = h.str(svc.Namespace).str(svc.Hostname)
+		}
+		return h
+	}
+	eps := func(h fnv, l []Endpoint) fnv {
+		h = h.u64(uint64(len(l)))
+		for _, ep := range l {
+			h = h.str(ep.Workload.UID)
+		}
+		return h
+	}
+	p.field("WorkloadByUID", digestTable(x.workloadByUID, func(k string, w *Workload) fnv { return fnvOffset.str(k).str(w.UID) }))
+	p.field("WorkloadByAddr", digestTable(x.workloadByAddr, func(k NetworkAddress, w *Workload) fnv {
+		return fnvOffset.str(k.Network).addr(k.Addr).str(w.UID)
+	}))
+	p.field("AddressClaims", digestTable(x.addrClaims, func(k NetworkAddress, l []*Workload) fnv {
+		return uids(fnvOffset.str(k.Network).addr(k.Addr), l)
+	}))
+	p.field("WorkloadsByNode", digestTable(x.workloadsByNode, func(k string, l []*Workload) fnv { return uids(fnvOffset.str(k), l) }))
+	p.field("WorkloadsByHostname", digestTable(x.workloadsByHost, func(k NamespacedHostname, l []*Workload) fnv {
+		return uids(fnvOffset.str(k.Namespace).str(k.Hostname), l)
+	}))
+	p.field("ServiceByKey", digestTable(x.serviceByKey, func(k NamespacedHostname, svc *Service) fnv {
+		return fnvOffset.str(k.Namespace).str(k.Hostname).str(svc.Namespace).str(svc.Hostname)
+	}))
+	p.field("ServicesByVIP", digestTable(x.servicesByVIP, func(k NetworkAddress, l []*Service) fnv {
+		return keys(fnvOffset.str(k.Network).addr(k.Addr), l)
+	}))
+	p.field("ServicesByCIDR", digestTable(x.servicesByCIDR, func(k NetworkPrefix, l []*Service) fnv {
+		return keys(fnvOffset.str(k.Network).prefix(k.Prefix), l)
+	}))
+	h := fnvOffset.u64(uint64(len(x.cidrBits4)))
+	for _, b := range x.cidrBits4 {
+		h = h.u64(uint64(b))
+	}
+	h = h.u64(uint64(len(x.cidrBits6)))
+	for _, b := range x.cidrBits6 {
+		h = h.u64(uint64(b))
+	}
+	p.field("CIDRLengths", h)
+	p.field("ServicesByHostname", digestTable(x.servicesByHost, func(k string, l []*Service) fnv { return keys(fnvOffset.str(k), l) }))
+	p.field("EndpointsByService", digestTable(x.endpoints, func(svc *Service, l []Endpoint) fnv {
+		return eps(fnvOffset.str(svc.Namespace).str(svc.Hostname), l)
+	}))
+	p.field("StagedEndpoints", digestTable(x.staged, func(k string, l []Endpoint) fnv { return eps(fnvOffset.str(k), l) }))
+	p.field("PolicyByKey", digestTable(x.policyByKey, func(k string, pol *Policy) fnv { return fnvOffset.str(k).str(pol.key) }))
+}
+
+// digestTable digests a table as a set: each entry on its own, summed, since map order varies.
+func digestTable[K comparable, V any](t *table[K, V], entry func(K, V) fnv) fnv {
+	var set uint64
+	n := 0
+	for i := range numShards {
+		for k, v := range t.at(shard(i)) {
+			set += entry(k, v).mix()
+			n++
+		}
+	}
+	return fnvOffset.u64(uint64(n)).u64(set)
 }
 
 // fnv is an FNV-1a 64 state that consumes a 64-bit word per step instead of a byte: a
