@@ -297,15 +297,10 @@ func fetchWaypoint(snap *snapshot.Snapshot, gw *snapshot.GatewayAddress, src *sn
 	return finalize(src, target, p)
 }
 
-// workloadByHostname finds a workload by namespace/hostname. ztunnel does the same linear scan
-// ("uncommon path, not worth the memory to index").
+// workloadByHostname finds a workload by namespace/hostname (the snapshot indexes it; ztunnel
+// scans, "uncommon path").
 func workloadByHostname(snap *snapshot.Snapshot, nh snapshot.NamespacedHostname) *snapshot.Workload {
-	for _, wl := range snap.Workloads() {
-		if wl.Hostname == nh.Hostname && wl.Namespace == nh.Namespace {
-			return wl
-		}
-	}
-	return nil
+	return snap.WorkloadByHostname(nh)
 }
 
 // fromWaypoint is ztunnel's check_from_waypoint: src is (one of the workloads behind) the
