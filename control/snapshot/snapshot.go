@@ -254,9 +254,9 @@ func checkWorkload(w *Workload) error {
 	if w.ClusterID == "" {
 		w.ClusterID = DefaultClusterID
 	}
-	if len(w.Addresses) == 0 && w.Hostname == "" {
-		return errors.New("workloadIps: a workload needs at least one address (or a hostname)")
-	}
+	// A workload with neither addresses nor a hostname is valid: istiod sends such
+	// workloads for endpoints on another network, reached only through their network
+	// gateway (ztunnel accepts them; its load balancing keeps them only in that case).
 	for _, a := range w.Addresses {
 		if !a.IsValid() {
 			return errors.New("workloadIps: invalid address")

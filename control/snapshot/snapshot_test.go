@@ -144,11 +144,6 @@ func TestBuildInvalid(t *testing.T) {
 			want: []string{"workloads[0] (/a)", "namespace: must not be empty"},
 		},
 		{
-			name: "workload without address or hostname",
-			cfg:  func() Config { return Config{Workloads: []*Workload{{Name: "a", Namespace: "ns"}}} },
-			want: []string{"workloads[0] (Kubernetes//v1/Pod/ns/a)", "workloadIps:"},
-		},
-		{
 			name: "workload with an invalid address",
 			cfg: func() Config {
 				return Config{Workloads: []*Workload{{Name: "a", Namespace: "ns", Addresses: []netip.Addr{{}}}}}
@@ -240,7 +235,7 @@ func TestBuildInvalid(t *testing.T) {
 			name: "every error is reported",
 			cfg: func() Config {
 				return Config{
-					Workloads: []*Workload{{Name: "a", Namespace: "ns"}, pod("ns", "ok", "10.0.0.1")},
+					Workloads: []*Workload{{Name: "a", Namespace: "ns", Addresses: []netip.Addr{{}}}, pod("ns", "ok", "10.0.0.1")},
 					Services:  []*Service{{Name: "s", Namespace: "ns"}},
 					Policies:  []*Policy{{Name: "p", Scope: ScopeNamespace}},
 				}
@@ -776,5 +771,22 @@ func TestStoreConcurrent(t *testing.T) {
 	}
 	if v := st.Load().Version(); v != writers*each {
 		t.Errorf("last version %d, want %d", v, writers*each)
+	}
+}
+
+// TestAddresslessWorkload: istiod sends workloads with neither addresses nor a hostname for
+// endpoints on another network; they are valid, indexed by uid and as service endpoints only.
+func TestAddresslessWorkload(t *testing.T) {
+	s, err := Build(Config{
+		Workloads: []*Workload{{UID: "remote", Name: "r", Namespace: "ns", Network: "net2",
+			Services: map[string]PortMap{"ns/svc.local": {80: 8080}}}},
+		Services: []*Service{{Name: "svc", Namespace: "ns", Hostname: "svc.local"}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	svc := s.ServiceByKey(NamespacedHostname{Namespace: "ns", Hostname: "svc.local"})
+	if s.WorkloadByUID("remote") == nil || len(s.Endpoints(svc)) != 1 {
+		t.Fatal("address-less workload not indexed by uid and as an endpoint")
 	}
 }
