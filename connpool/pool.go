@@ -94,9 +94,10 @@ type dialCall struct {
 	err  error
 }
 
+// metrics are the pool's series, resolved once: a dial or an eviction never hashes labels.
 type metrics struct {
-	conns *prometheus.GaugeVec
-	dials *prometheus.CounterVec
+	conns            prometheus.Gauge
+	dialOK, dialFail prometheus.Counter
 }
 
 // ErrClosed is returned by Get after Close.
@@ -113,25 +114,29 @@ func New(cfg Config) (*Pool, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
-	m := &metrics{
-		conns: prometheus.NewGaugeVec(prometheus.GaugeOpts{
-			Name: "ztgo_pool_connections", Help: "Pooled HBONE connections.",
-		}, nil),
-		dials: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "ztgo_pool_dials_total", Help: "HBONE connections dialled by the pool, by result.",
-		}, []string{"result"}),
+	conns := prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "ztgo_pool_connections", Help: "Pooled HBONE connections.",
+	})
+	dials := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "ztgo_pool_dials_total", Help: "HBONE connections dialled by the pool, by result.",
+	}, []string{"result"})
+	// Both results exist from the start, so a rate() over errors is 0 rather than absent.
+	m := &metrics{conns: conns, dialOK: dials.WithLabelValues("ok"), dialFail: dials.WithLabelValues("error")}
+	p := &Pool{
+		dial: cfg.Dial, idle: cfg.IdleTimeout, log: cfg.Logger, metrics: m,
+		entries: map[Key]*entry{}, stop: make(chan struct{}),
 	}
+	streams := prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "ztgo_pool_streams", Help: "Active HBONE streams (CONNECT tunnels) across the pooled connections.",
+	}, func() float64 { return float64(p.Streams()) })
 	if cfg.Registerer != nil {
-		for _, c := range []prometheus.Collector{m.conns, m.dials} {
+		for _, c := range []prometheus.Collector{conns, dials, streams} {
 			if err := cfg.Registerer.Register(c); err != nil {
 				return nil, fmt.Errorf("register pool metrics: %w", err)
 			}
 		}
 	}
-	return &Pool{
-		dial: cfg.Dial, idle: cfg.IdleTimeout, log: cfg.Logger, metrics: m,
-		entries: map[Key]*entry{}, stop: make(chan struct{}),
-	}, nil
+	return p, nil
 }
 
 // Start runs idle eviction until Close.
@@ -182,7 +187,7 @@ func (p *Pool) Get(ctx context.Context, key Key) (*hbone.Conn, error) {
 		e.dialing = nil
 		call.err = err
 		if err != nil {
-			p.metrics.dials.WithLabelValues("error").Inc()
+			p.metrics.dialFail.Inc()
 			if len(e.conns) == 0 && p.entries[key] == e {
 				delete(p.entries, key)
 			}
@@ -190,7 +195,7 @@ func (p *Pool) Get(ctx context.Context, key Key) (*hbone.Conn, error) {
 			p.mu.Unlock()
 			return nil, fmt.Errorf("dial %s: %w", key.Dst, err)
 		}
-		p.metrics.dials.WithLabelValues("ok").Inc()
+		p.metrics.dialOK.Inc()
 		reserved := c.TryReserve()
 		if p.closed {
 			close(call.done)
@@ -199,7 +204,7 @@ func (p *Pool) Get(ctx context.Context, key Key) (*hbone.Conn, error) {
 			return nil, ErrClosed
 		}
 		e.conns = append(e.conns, c)
-		p.metrics.conns.WithLabelValues().Inc()
+		p.metrics.conns.Inc()
 		close(call.done)
 		p.mu.Unlock()
 		p.watch(key, c)
@@ -231,7 +236,7 @@ func (p *Pool) drop(key Key, c *hbone.Conn) {
 	}
 	if i := slices.Index(e.conns, c); i >= 0 {
 		e.conns = slices.Delete(e.conns, i, i+1)
-		p.metrics.conns.WithLabelValues().Dec()
+		p.metrics.conns.Dec()
 	}
 	if len(e.conns) == 0 && e.dialing == nil {
 		delete(p.entries, key)
@@ -248,7 +253,7 @@ func (p *Pool) Evict(now time.Time) int {
 			since, idle := c.IdleSince()
 			if idle && now.Sub(since) >= p.idle {
 				victims = append(victims, c)
-				p.metrics.conns.WithLabelValues().Dec()
+				p.metrics.conns.Dec()
 				continue
 			}
 			kept = append(kept, c)
@@ -315,6 +320,20 @@ func (p *Pool) Len() int {
 	n := 0
 	for _, e := range p.entries {
 		n += len(e.conns)
+	}
+	return n
+}
+
+// Streams is the number of active streams across the pooled connections (reserved slots
+// not yet opened are not counted). It is read at scrape time, so the stream path pays nothing.
+func (p *Pool) Streams() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	n := 0
+	for _, e := range p.entries {
+		for _, c := range e.conns {
+			n += c.Active()
+		}
 	}
 	return n
 }

@@ -246,12 +246,29 @@ type actor struct {
 	stage   Stage
 	workers int
 	mailbox chan *Flow
+	// The stage's counters, resolved once so a full mailbox never hashes labels.
+	backpressure, rejected prometheus.Counter
 }
 
 type pipelineMetrics struct {
-	depth        *prometheus.GaugeVec
+	depth        *mailboxDepth
 	backpressure *prometheus.CounterVec
 	rejected     *prometheus.CounterVec
+}
+
+// mailboxDepth exports ztgo_stage_mailbox_depth by reading each mailbox's length when scraped:
+// the workers write nothing per flow, and the value is never stale.
+type mailboxDepth struct {
+	desc   *prometheus.Desc
+	actors *[numStages]*actor
+}
+
+func (d *mailboxDepth) Describe(ch chan<- *prometheus.Desc) { ch <- d.desc }
+
+func (d *mailboxDepth) Collect(ch chan<- prometheus.Metric) {
+	for _, a := range d.actors {
+		ch <- prometheus.MustNewConstMetric(d.desc, prometheus.GaugeValue, float64(len(a.mailbox)), a.id.String())
+	}
 }
 
 // Errors of Submit and TrySubmit.
@@ -267,17 +284,19 @@ func NewPipeline(cfgs map[ID]StageConfig, hooks Hooks, reg prometheus.Registerer
 	if hooks.Established == nil || hooks.Failed == nil {
 		return nil, errors.New("stages: both hooks are required")
 	}
-	p := &Pipeline{hooks: hooks, m: &pipelineMetrics{
-		depth: prometheus.NewGaugeVec(prometheus.GaugeOpts{
-			Name: "ztgo_stage_mailbox_depth", Help: "Flows waiting in each stage's mailbox.",
-		}, []string{"stage"}),
+	p := &Pipeline{hooks: hooks}
+	p.m = &pipelineMetrics{
+		depth: &mailboxDepth{
+			desc:   prometheus.NewDesc("ztgo_stage_mailbox_depth", "Flows waiting in each stage's mailbox.", []string{"stage"}, nil),
+			actors: &p.actors,
+		},
 		backpressure: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "ztgo_stage_backpressure_total", Help: "Submissions that found a stage's mailbox full and had to wait.",
 		}, []string{"stage"}),
 		rejected: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "ztgo_stage_rejected_total", Help: "Flows refused because a stage's mailbox was full (callers that cannot wait).",
 		}, []string{"stage"}),
-	}}
+	}
 	for id := ID(0); id < numStages; id++ {
 		c, ok := cfgs[id]
 		if !ok || c.Stage == nil {
@@ -289,7 +308,11 @@ func NewPipeline(cfgs map[ID]StageConfig, hooks Hooks, reg prometheus.Registerer
 		if c.Mailbox <= 0 {
 			c.Mailbox = 1024
 		}
-		p.actors[id] = &actor{id: id, stage: c.Stage, workers: c.Workers, mailbox: make(chan *Flow, c.Mailbox)}
+		p.actors[id] = &actor{
+			id: id, stage: c.Stage, workers: c.Workers, mailbox: make(chan *Flow, c.Mailbox),
+			backpressure: p.m.backpressure.WithLabelValues(id.String()),
+			rejected:     p.m.rejected.WithLabelValues(id.String()),
+		}
 	}
 	if reg != nil {
 		for _, c := range []prometheus.Collector{p.m.depth, p.m.backpressure, p.m.rejected} {
@@ -357,7 +380,7 @@ func (p *Pipeline) Submit(ctx context.Context, f *Flow) error {
 		return nil
 	default:
 	}
-	p.m.backpressure.WithLabelValues(a.id.String()).Inc()
+	a.backpressure.Inc()
 	select {
 	case a.mailbox <- f:
 		return nil
@@ -377,15 +400,13 @@ func (p *Pipeline) TrySubmit(f *Flow) error {
 	case a.mailbox <- f:
 		return nil
 	default:
-		p.m.rejected.WithLabelValues(a.id.String()).Inc()
+		a.rejected.Inc()
 		return ErrOverloaded
 	}
 }
 
 func (p *Pipeline) work(ctx context.Context, a *actor) {
 	defer p.wg.Done()
-	name := a.id.String()
-	depth := p.m.depth.WithLabelValues(name)
 	for {
 		var f *Flow
 		select {
@@ -393,7 +414,6 @@ func (p *Pipeline) work(ctx context.Context, a *actor) {
 			return
 		case f = <-a.mailbox:
 		}
-		depth.Set(float64(len(a.mailbox)))
 		f.Trace.StartStage(time.Now())
 		v := a.stage.Handle(ctx, f)
 		now := time.Now()
@@ -415,7 +435,7 @@ func (p *Pipeline) work(ctx context.Context, a *actor) {
 		select {
 		case next.mailbox <- f:
 		default:
-			p.m.backpressure.WithLabelValues(next.id.String()).Inc()
+			next.backpressure.Inc()
 			select {
 			case next.mailbox <- f:
 			case <-ctx.Done():

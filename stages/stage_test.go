@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -141,6 +142,19 @@ func TestBackpressureAndTrySubmit(t *testing.T) {
 	}
 	if got := testutil.ToFloat64(p.m.rejected.WithLabelValues("capture")); got < 1 {
 		t.Fatalf("rejected counter = %v", got)
+	}
+	// The mailbox depth is read when scraped: the full capture mailbox holds one flow.
+	want := `
+# HELP ztgo_stage_mailbox_depth Flows waiting in each stage's mailbox.
+# TYPE ztgo_stage_mailbox_depth gauge
+ztgo_stage_mailbox_depth{stage="authz"} 0
+ztgo_stage_mailbox_depth{stage="capture"} 1
+ztgo_stage_mailbox_depth{stage="hbone"} 0
+ztgo_stage_mailbox_depth{stage="identity"} 0
+ztgo_stage_mailbox_depth{stage="upstream"} 0
+`
+	if err := testutil.GatherAndCompare(reg, strings.NewReader(want), "ztgo_stage_mailbox_depth"); err != nil {
+		t.Fatal(err)
 	}
 	close(release)
 	for i := 0; i < 2; i++ {

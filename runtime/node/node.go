@@ -189,6 +189,9 @@ func New(cfg Config) (*Node, error) {
 	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "ztgo_relay_buffers_in_use", Help: "Copy buffers held by flows (bytes in flight; idle flows hold none).",
 	}, func() float64 { return float64(n.relay.BuffersInUse()) }))
+	if err := registerSnapshotMetrics(n.store, reg); err != nil {
+		return nil, err
+	}
 
 	var err error
 	cm, err := localfile.NewMetrics(reg)

@@ -4,9 +4,15 @@
 //
 // Label values come from the flow's snapshot view of the source and destination workloads;
 // values that are unknown render as "unknown", as in ztunnel.
+//
+// Opening and closing a flow must stay cheap on connection churn: the 23 label values are
+// computed and hashed once per label set, not per flow (seriesCache), the sockets gauge is
+// resolved once per direction, a flow's bytes are counted in the flow and added once when it
+// closes, and access log fields are only built when the logger will write them.
 package telemetry
 
 import (
+	"context"
 	"fmt"
 	"log/slog"
 	"time"
@@ -73,52 +79,121 @@ func NewMetrics(reg prometheus.Registerer) (*Metrics, error) {
 
 // Telemetry reports flows.
 type Telemetry struct {
-	m   *Metrics
-	log *slog.Logger
+	m     *Metrics
+	log   *slog.Logger
+	cache seriesCache
+	// open holds the istio_tcp_sockets_open child of each direction, resolved once.
+	open [numDirections]prometheus.Gauge
 }
+
+// numDirections bounds the stages.Direction values Telemetry pre-resolves.
+const numDirections = 3
 
 // New returns a reporter writing access logs to log (nil disables them).
 func New(m *Metrics, log *slog.Logger) *Telemetry {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	return &Telemetry{m: m, log: log}
+	t := &Telemetry{m: m, log: log}
+	for d := range stages.Direction(numDirections) {
+		t.open[d] = m.open.WithLabelValues(d.Reporter())
+	}
+	t.cache.init()
+	return t
 }
+
+// Indexes of the label values, in labelNames order.
+const (
+	lReporter = iota
+	lSrcWorkload
+	lSrcCanonicalService
+	lSrcCanonicalRevision
+	lSrcNamespace
+	lSrcPrincipal
+	lSrcApp
+	lSrcVersion
+	lSrcCluster
+	lDstService
+	lDstServiceNamespace
+	lDstServiceName
+	lDstWorkload
+	lDstCanonicalService
+	lDstCanonicalRevision
+	lDstNamespace
+	lDstPrincipal
+	lDstApp
+	lDstVersion
+	lDstCluster
+	lRequestProtocol
+	lResponseFlags
+	lSecurityPolicy
+	numLabels
+)
+
+// Offsets of a side's labels from its first one (lSrcWorkload or lDstWorkload).
+const (
+	offWorkload = iota
+	offCanonicalService
+	offCanonicalRevision
+	offNamespace
+	offPrincipal
+	offApp
+	offVersion
+	offCluster
+)
 
 // Labels computes the metric labels of a flow.
 func Labels(f *stages.Flow) prometheus.Labels {
-	l := prometheus.Labels{"reporter": f.Dir.Reporter(), "request_protocol": "tcp", "response_flags": f.Failure.String()}
-	src, dst := f.SrcWorkload, f.DstWorkload
-	if src == nil && f.Dir != stages.Outbound && !f.SrcIdentity.IsZero() {
-		// Inbound: the source is known from its certificate and baggage, not the snapshot.
-		l["source_workload_namespace"] = f.SrcIdentity.Namespace
-	}
-	fill(l, "source", src)
-	fill(l, "destination", dst)
-	if !f.SrcIdentity.IsZero() {
-		l["source_principal"] = f.SrcIdentity.String()
-	}
-	if !f.DstIdentity.IsZero() {
-		l["destination_principal"] = f.DstIdentity.String()
-	}
-	if svc := f.DstService; svc != nil {
-		l["destination_service"] = svc.Hostname
-		l["destination_service_namespace"] = svc.Namespace
-		l["destination_service_name"] = svc.Name
-	}
-	l["connection_security_policy"] = unknown
-	if f.Dir == stages.Inbound || f.Route.Kind == identity.HBONE || f.Route.Kind == identity.Waypoint {
-		l["connection_security_policy"] = "mutual_tls"
-	}
-	for _, k := range labelNames {
-		if l[k] == "" {
-			l[k] = unknown
-		}
+	v := labelValues(f)
+	l := make(prometheus.Labels, numLabels)
+	for i, k := range labelNames {
+		l[k] = v[i]
 	}
 	return l
 }
 
-func fill(l prometheus.Labels, side string, w *snapshot.Workload) {
+// labelValues computes the metric label values of a flow, in labelNames order.
+func labelValues(f *stages.Flow) []string {
+	v := make([]string, numLabels)
+	v[lReporter] = f.Dir.Reporter()
+	v[lRequestProtocol] = "tcp"
+	v[lResponseFlags] = f.Failure.String()
+	src, dst := f.SrcWorkload, f.DstWorkload
+	if src == nil && f.Dir != stages.Outbound && !f.SrcIdentity.IsZero() {
+		// Inbound: the source is known from its certificate and baggage, not the snapshot.
+		v[lSrcNamespace] = f.SrcIdentity.Namespace
+	}
+	fill(v[lSrcWorkload:], src)
+	fill(v[lDstWorkload:], dst)
+	if !f.SrcIdentity.IsZero() {
+		v[lSrcPrincipal] = f.SrcIdentity.String()
+	}
+	if !f.DstIdentity.IsZero() {
+		v[lDstPrincipal] = f.DstIdentity.String()
+	}
+	if svc := f.DstService; svc != nil {
+		v[lDstService] = svc.Hostname
+		v[lDstServiceNamespace] = svc.Namespace
+		v[lDstServiceName] = svc.Name
+	}
+	v[lSecurityPolicy] = unknown
+	if mutualTLS(f) {
+		v[lSecurityPolicy] = "mutual_tls"
+	}
+	for i := range v {
+		if v[i] == "" {
+			v[i] = unknown
+		}
+	}
+	return v
+}
+
+func mutualTLS(f *stages.Flow) bool {
+	return f.Dir == stages.Inbound || f.Route.Kind == identity.HBONE || f.Route.Kind == identity.Waypoint
+}
+
+// fill sets one side's workload labels; side starts at that side's workload label.
+func fill(side []string, w *snapshot.Workload) {
 	if w == nil {
 		return
 	}
@@ -126,29 +201,38 @@ func fill(l prometheus.Labels, side string, w *snapshot.Workload) {
 	if name == "" {
 		name = w.Name
 	}
-	l[side+"_workload"] = name
-	l[side+"_workload_namespace"] = w.Namespace
-	l[side+"_canonical_service"] = w.CanonicalName
-	l[side+"_canonical_revision"] = w.CanonicalRevision
-	l[side+"_app"] = w.CanonicalName
-	l[side+"_version"] = w.CanonicalRevision
-	l[side+"_cluster"] = w.ClusterID
+	side[offWorkload] = name
+	side[offNamespace] = w.Namespace
+	side[offCanonicalService] = w.CanonicalName
+	side[offCanonicalRevision] = w.CanonicalRevision
+	side[offApp] = w.CanonicalName
+	side[offVersion] = w.CanonicalRevision
+	side[offCluster] = w.ClusterID
 }
 
 // Opened counts an established flow.
 func (t *Telemetry) Opened(f *stages.Flow) {
-	t.m.opened.With(Labels(f)).Inc()
-	t.m.open.WithLabelValues(f.Dir.Reporter()).Inc()
-	t.log.Debug("connection opened", t.attrs(f, 0)...)
+	t.cache.get(f).established(t.m).opened.Inc()
+	t.sockets(f.Dir).Inc()
+	if t.log.Enabled(context.Background(), slog.LevelDebug) {
+		t.log.Debug("connection opened", t.attrs(f, 0)...)
+	}
 }
 
 // Closed counts a finished flow and writes its access log record.
 func (t *Telemetry) Closed(f *stages.Flow, err error) {
-	l := Labels(f)
-	t.m.closed.With(l).Inc()
-	t.m.received.With(l).Add(float64(f.BytesSent.Load()))
-	t.m.sent.With(l).Add(float64(f.BytesRecv.Load()))
-	t.m.open.WithLabelValues(f.Dir.Reporter()).Dec()
+	s := t.cache.get(f).established(t.m)
+	s.closed.Inc()
+	s.received.Add(float64(f.BytesSent.Load()))
+	s.sent.Add(float64(f.BytesRecv.Load()))
+	t.sockets(f.Dir).Dec()
+	level := slog.LevelInfo
+	if err != nil {
+		level = slog.LevelError
+	}
+	if !t.log.Enabled(context.Background(), level) {
+		return
+	}
 	attrs := t.attrs(f, time.Since(f.Trace.Begin))
 	if err != nil {
 		t.log.Error("connection complete", append(attrs, "error", err.Error())...)
@@ -159,13 +243,23 @@ func (t *Telemetry) Closed(f *stages.Flow, err error) {
 
 // Failed counts a flow that never got established and logs why.
 func (t *Telemetry) Failed(f *stages.Flow) {
-	t.m.failed.With(Labels(f)).Inc()
+	t.cache.get(f).failedCounter(t.m).Inc()
+	if !t.log.Enabled(context.Background(), slog.LevelWarn) {
+		return
+	}
 	attrs := t.attrs(f, time.Since(f.Trace.Begin))
 	errText := ""
 	if f.Err != nil {
 		errText = f.Err.Error()
 	}
 	t.log.Warn("connection failed", append(attrs, "error", errText, "response_flags", f.Failure.String())...)
+}
+
+func (t *Telemetry) sockets(d stages.Direction) prometheus.Gauge {
+	if d < numDirections {
+		return t.open[d]
+	}
+	return t.m.open.WithLabelValues(d.Reporter())
 }
 
 // attrs are ztunnel's access log fields plus the per-stage timings.

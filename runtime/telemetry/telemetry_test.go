@@ -3,6 +3,7 @@ package telemetry
 import (
 	"bytes"
 	"errors"
+	"io"
 	"log/slog"
 	"net/netip"
 	"strings"
@@ -80,5 +81,61 @@ func TestOpenedClosedFailed(t *testing.T) {
 		if !strings.Contains(out, want) {
 			t.Errorf("access log lacks %q:\n%s", want, out)
 		}
+	}
+}
+
+// BenchmarkOpenedClosed is one flow's metric work on connection churn: opened, then closed
+// with its byte counts.
+func BenchmarkOpenedClosed(b *testing.B) {
+	m, err := NewMetrics(prometheus.NewRegistry())
+	if err != nil {
+		b.Fatal(err)
+	}
+	tel := New(m, nil)
+	f := flow()
+	f.BytesSent.Store(100)
+	f.BytesRecv.Store(7)
+	b.ReportAllocs()
+	for b.Loop() {
+		tel.Opened(f)
+		tel.Closed(f, nil)
+	}
+}
+
+// BenchmarkOpenedClosedParallel is the same on every CPU at once, on one label set: the case
+// where flows contend most.
+func BenchmarkOpenedClosedParallel(b *testing.B) {
+	m, err := NewMetrics(prometheus.NewRegistry())
+	if err != nil {
+		b.Fatal(err)
+	}
+	tel := New(m, nil)
+	b.ReportAllocs()
+	b.RunParallel(func(pb *testing.PB) {
+		f := flow()
+		f.BytesSent.Store(100)
+		f.BytesRecv.Store(7)
+		for pb.Next() {
+			tel.Opened(f)
+			tel.Closed(f, nil)
+		}
+	})
+}
+
+// BenchmarkOpenedClosedAccessLog adds the access log at its default level (info) to a
+// handler that discards the text.
+func BenchmarkOpenedClosedAccessLog(b *testing.B) {
+	m, err := NewMetrics(prometheus.NewRegistry())
+	if err != nil {
+		b.Fatal(err)
+	}
+	tel := New(m, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	f := flow()
+	f.BytesSent.Store(100)
+	f.BytesRecv.Store(7)
+	b.ReportAllocs()
+	for b.Loop() {
+		tel.Opened(f)
+		tel.Closed(f, nil)
 	}
 }
