@@ -314,14 +314,22 @@ type mesh struct {
 	t    *testing.T
 	cp   *controlPlane
 	a, b *node.Node
+	// mutate, if set, adjusts each node's config before it starts.
+	mutate func(name string, cfg *node.Config)
 }
 
 // newMesh starts the control plane and both nodes. Unless hold, it lets the xDS server answer
 // and waits for both nodes to be ready; with hold, the streams wait until m.push.
 func newMesh(t *testing.T, hold bool) *mesh {
 	t.Helper()
+	return newMeshWith(t, hold, nil)
+}
+
+// newMeshWith is newMesh with a per-node config change.
+func newMeshWith(t *testing.T, hold bool, mutate func(name string, cfg *node.Config)) *mesh {
+	t.Helper()
 	meshtest.CheckLeaks(t) // first: its check runs after every other cleanup
-	m := &mesh{t: t, cp: startControlPlane(t)}
+	m := &mesh{t: t, cp: startControlPlane(t), mutate: mutate}
 	m.a = m.start("node-a", "127.90.1.1")
 	m.b = m.start("node-b", "127.90.2.1")
 	meshtest.RequireZtgoGoroutines(t)
@@ -368,6 +376,9 @@ func (m *mesh) start(name, adminIP string) *node.Node {
 	}
 	if name == "node-a" {
 		cfg.SOCKS5Addr = adminIP + ":0"
+	}
+	if m.mutate != nil {
+		m.mutate(name, &cfg)
 	}
 	n, err := node.New(cfg)
 	if err != nil {
@@ -709,4 +720,52 @@ func TestBadResourceNACKedGoodApplied(t *testing.T) {
 	if after := len(m.cp.nacksOf(xds.AddressType)); after != before {
 		t.Fatalf("the fixed push was NACKed: %+v", m.cp.nacksOf(xds.AddressType)[before:])
 	}
+}
+
+// overlayYAML is the local config both nodes apply on top of istiod's view in SourceBoth: a
+// workload istiod does not know, and a policy that denies client2.
+const overlayYAML = `
+workloads:
+- uid: Kubernetes//Pod/default/extra
+  name: extra
+  namespace: default
+  serviceAccount: extra
+  workloadIps: ["127.90.2.50"]
+  protocol: HBONE
+  node: node-b
+policies:
+- name: deny-client2
+  namespace: default
+  scope: Namespace
+  action: Deny
+  rules:
+  - - - principals: [!Exact cluster.local/ns/default/sa/client2]
+`
+
+// TestSourceBothOverlay: with SourceBoth, the local config's resources join istiod's, and
+// later xDS pushes still reach the merged view.
+func TestSourceBothOverlay(t *testing.T) {
+	m := newMeshWith(t, false, func(name string, cfg *node.Config) {
+		cfg.Source = node.SourceBoth
+		cfg.ConfigInline = overlayYAML
+	})
+	meshtest.StartApp(t, "127.90.2.10:8080", meshtest.Echo)
+	meshtest.StartApp(t, "127.90.2.50:8080", meshtest.Echo)
+	// From istiod: the echo service. From the overlay: workload extra.
+	m.transfer("127.90.1.10", "127.90.100.1:80", 64<<10, 1)
+	m.transfer("127.90.1.10", "127.90.2.50:8080", 64<<10, 2)
+	// The overlay's DENY applies on node-b.
+	if c, code, _ := m.socks("127.90.1.11", "127.90.100.1:80"); c != nil || code != 2 {
+		if c != nil {
+			c.Close()
+		}
+		t.Fatalf("client2 through the overlay's deny: SOCKS5 reply %d, want 2", code)
+	}
+	// A later push from istiod is merged too.
+	meshtest.StartApp(t, "127.90.2.20:8080", meshtest.Echo)
+	m.cp.pushAddresses(map[string]types.Resource{uid("server2"): wlRes(workload("server2", "server2", "127.90.2.20", "node-b", false))}, nil)
+	meshtest.WaitFor(t, 5*time.Second, func() bool { return knows(m.a, "127.90.2.20") && listening("127.90.2.20:15008") })
+	m.transfer("127.90.1.10", "127.90.2.20:8080", 64<<10, 3)
+	// The overlay's workload survived the merge of that push.
+	m.transfer("127.90.1.10", "127.90.2.50:8080", 1024, 4)
 }
