@@ -1,8 +1,10 @@
 // Package admin serves ztgo's three HTTP endpoints, on ztunnel's ports:
 //
-//   - admin (localhost:15000): "/" a status page, "/config_dump" (JSON), "/debug/flows" (recent and
-//     slowest flows with per-stage timings), "POST /logging?level=", "POST /quitquitquit",
-//     "/debug/pprof/*";
+//   - admin (localhost:15000): "/" the dashboard (per-stage latency of the last minute, throughput,
+//     connections, the slowest recent flows as waterfalls, failures, the snapshot; a self-contained
+//     page that polls the two JSON endpoints below), "/debug/stats" (the dashboard's numbers),
+//     "/debug/flows" (recent, slowest and failed flows with per-stage timings), "/config_dump"
+//     (JSON), "POST /logging?level=", "POST /quitquitquit", "/debug/pprof/*";
 //   - metrics ([::]:15020): "/metrics" and "/stats/prometheus" (Prometheus text, or OpenMetrics when
 //     the scraper asks for it);
 //   - readiness ([::]:15021): "/healthz/ready", 200 "ready" or 500 naming what is pending.
@@ -10,15 +12,17 @@ package admin
 
 import (
 	"context"
+	"embed"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"html"
+	"io/fs"
 	"log/slog"
 	"net"
 	"net/http"
 	"net/http/pprof"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -43,6 +47,10 @@ type Config struct {
 	Quit   func()
 	Ready  *Readiness
 	Logger *slog.Logger
+	// Summary, if set, returns the snapshot summary of /debug/stats and the dashboard; it is
+	// called on every request, so it should be cheap. Nil derives the summary from ConfigDump,
+	// at most every two seconds.
+	Summary func() SnapshotSummary
 }
 
 // Server runs the three listeners.
@@ -51,7 +59,20 @@ type Server struct {
 	servers []*http.Server
 	addrs   map[string]string
 	wg      sync.WaitGroup
+
+	mu      sync.Mutex
+	samples []sample // the last minute of metric gathers, for rates and sparklines
+	sum     SnapshotSummary
+	sumAt   time.Time
 }
+
+// The dashboard: one page, its script and its style sheet, with no other asset.
+//
+//go:embed dashboard
+var dashboardFS embed.FS
+
+// contentSecurityPolicy keeps the dashboard to its own origin: no CDN, no inline script.
+const contentSecurityPolicy = "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 
 // New validates cfg.
 func New(cfg Config) (*Server, error) {
@@ -131,11 +152,21 @@ func (s *Server) readyMux() http.Handler {
 
 func (s *Server) adminMux() http.Handler {
 	mux := http.NewServeMux()
-	mux.HandleFunc("GET /{$}", s.index)
+	static, _ := fs.Sub(dashboardFS, "dashboard")
+	files := http.FileServerFS(static)
+	page := func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Security-Policy", contentSecurityPolicy)
+		w.Header().Set("Cache-Control", "no-cache")
+		w.Header().Set("X-Content-Type-Options", "nosniff")
+		files.ServeHTTP(w, r)
+	}
+	mux.HandleFunc("GET /{$}", page)
+	mux.Handle("GET /dashboard/", http.StripPrefix("/dashboard", http.HandlerFunc(page)))
 	mux.HandleFunc("GET /config_dump", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, s.cfg.ConfigDump())
 	})
 	mux.HandleFunc("GET /debug/flows", s.flows)
+	mux.HandleFunc("GET /debug/stats", s.stats)
 	mux.HandleFunc("POST /logging", s.logging)
 	mux.HandleFunc("POST /quitquitquit", func(w http.ResponseWriter, r *http.Request) {
 		w.Write([]byte("OK\n"))
@@ -198,11 +229,13 @@ type FlowJSON struct {
 	Stages      []SpanJSON `json:"stages"`
 }
 
-// SpanJSON is one stage of a flow.
+// SpanJSON is one stage of a flow: when it entered the stage's mailbox (from the flow's start),
+// how long it waited there and how long the stage worked on it.
 type SpanJSON struct {
-	Stage  string  `json:"stage"`
-	WaitUS float64 `json:"queueMicros"`
-	WorkUS float64 `json:"workMicros"`
+	Stage    string  `json:"stage"`
+	OffsetUS float64 `json:"offsetMicros"`
+	WaitUS   float64 `json:"queueMicros"`
+	WorkUS   float64 `json:"workMicros"`
 }
 
 // Flows converts trace records for JSON.
@@ -219,7 +252,7 @@ func Flows(recs []trace.Record) []FlowJSON {
 			if sp.End.IsZero() {
 				continue
 			}
-			fj.Stages = append(fj.Stages, SpanJSON{Stage: sp.Stage, WaitUS: us(sp.Wait()), WorkUS: us(sp.Work())})
+			fj.Stages = append(fj.Stages, SpanJSON{Stage: sp.Stage, OffsetUS: us(sp.Queued.Sub(r.Begin)), WaitUS: us(sp.Wait()), WorkUS: us(sp.Work())})
 		}
 		out = append(out, fj)
 	}
@@ -228,31 +261,25 @@ func Flows(recs []trace.Record) []FlowJSON {
 
 func us(d time.Duration) float64 { return float64(d.Nanoseconds()) / 1000 }
 
+// flows serves the recent flows (?recent=N, default 100), the slowest since start, the slowest
+// of the last minute and the latest failures.
 func (s *Server) flows(w http.ResponseWriter, r *http.Request) {
-	writeJSON(w, map[string]any{
-		"recent":  Flows(s.cfg.Recorder.Recent(100)),
-		"slowest": Flows(s.cfg.Recorder.Slowest(20)),
-	})
-}
-
-func (s *Server) index(w http.ResponseWriter, r *http.Request) {
-	w.Header().Set("Content-Type", "text/html; charset=utf-8")
-	var b strings.Builder
-	b.WriteString("<!doctype html><html><head><meta charset=utf-8><title>ztgo admin</title></head><body><h1>ztgo</h1><ul>")
-	for _, l := range []string{"/config_dump", "/debug/flows", "/debug/pprof/"} {
-		fmt.Fprintf(&b, `<li><a href="%s">%s</a></li>`, l, l)
-	}
-	b.WriteString("</ul><h2>Recent flows</h2><table border=1 cellpadding=3><tr><th>id</th><th>direction</th><th>src</th><th>dst</th><th>outcome</th><th>stages (µs)</th></tr>")
-	for _, f := range Flows(s.cfg.Recorder.Recent(50)) {
-		var st []string
-		for _, sp := range f.Stages {
-			st = append(st, fmt.Sprintf("%s %.0f", sp.Stage, sp.WorkUS))
+	recent := 100
+	if v := r.URL.Query().Get("recent"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 0 {
+			http.Error(w, "invalid recent: want a count", http.StatusBadRequest)
+			return
 		}
-		fmt.Fprintf(&b, "<tr><td>%d</td><td>%s</td><td>%s</td><td>%s</td><td>%s</td><td>%s</td></tr>",
-			f.ID, html.EscapeString(f.Direction), html.EscapeString(f.Src), html.EscapeString(f.Dst), html.EscapeString(f.Outcome), html.EscapeString(strings.Join(st, ", ")))
+		recent = n
 	}
-	b.WriteString("</table></body></html>")
-	w.Write([]byte(b.String()))
+	w.Header().Set("Cache-Control", "no-store")
+	writeJSON(w, map[string]any{
+		"recent":            Flows(s.cfg.Recorder.Recent(recent)),
+		"slowest":           Flows(s.cfg.Recorder.Slowest(20)),
+		"slowestLastMinute": Flows(s.cfg.Recorder.SlowestWindow(20)),
+		"failures":          Flows(s.cfg.Recorder.Failures(20)),
+	})
 }
 
 // Readiness tracks the tasks that must finish before the node is ready.

@@ -2,9 +2,11 @@
 //
 // Every flow carries a Record: for each stage it passes through, the time it entered the
 // stage's mailbox, the time a worker picked it up and the time the stage finished. When a flow
-// is established (or fails) the Recorder observes the per-stage durations into the
-// ztgo_stage_duration_seconds histogram and keeps the record in two bounded rings: the most
-// recent flows and the slowest ones. The admin page serves both.
+// is finished (closed, or failed) the Recorder observes the per-stage durations into the
+// ztgo_stage_duration_seconds histogram and keeps the record in bounded rings: the most recent
+// flows, the slowest ones, the slowest of the last minute and the latest failures. It also
+// keeps a window of the last minute, per stage and direction, from which the admin dashboard
+// reads p50 and p99 per second (Window). All of it is bounded memory, whatever the load.
 package trace
 
 import (
@@ -88,17 +90,28 @@ func (r *Record) Total() time.Duration {
 type Recorder struct {
 	hist *prometheus.HistogramVec
 	wait *prometheus.HistogramVec
+	// now is time.Now, replaced in tests.
+	now func() time.Time
 
 	mu      sync.Mutex
 	recent  []Record
 	next    int
 	full    bool
-	slowest []Record
+	slowest []Record // sorted, slowest first
 	size    int
+	nslow   int
+	series  []*series
+	slow    [slowSlots]slowSlot
+	fails   [failureRing]Record
+	nfail   int
 }
 
-// NewRecorder keeps the last size records and the size slowest ones, and registers its
-// histograms on reg (if not nil).
+// maxSlowest bounds the all-time slowest records kept (Slowest).
+const maxSlowest = 64
+
+// NewRecorder keeps the last size records and the min(size, 64) slowest ones, plus the window
+// of the last minute (Window, SlowestWindow) and the latest failures (Failures), and registers
+// its histograms on reg (if not nil).
 func NewRecorder(size int, reg prometheus.Registerer) (*Recorder, error) {
 	if size <= 0 {
 		size = 256
@@ -115,9 +128,12 @@ func NewRecorder(size int, reg prometheus.Registerer) (*Recorder, error) {
 			Help:    "Time a connection waits in a stage's mailbox before a worker takes it.",
 			Buckets: buckets,
 		}, []string{"stage", "direction"}),
+		now:    time.Now,
 		recent: make([]Record, size),
 		size:   size,
+		nslow:  min(size, maxSlowest),
 	}
+	r.slowest = make([]Record, 0, r.nslow)
 	if reg != nil {
 		if err := reg.Register(r.hist); err != nil {
 			return nil, err
@@ -129,31 +145,67 @@ func NewRecorder(size int, reg prometheus.Registerer) (*Recorder, error) {
 	return r, nil
 }
 
-// Finish observes rec's stages and keeps it in the rings. rec is copied.
+// Finish observes rec's stages and keeps it in the rings and the window. rec is copied. It is
+// on every flow's completion path: in steady state it does not allocate.
 func (r *Recorder) Finish(rec *Record) {
-	for _, s := range rec.Spans() {
+	type obs struct {
+		s          *series
+		work, wait float64
+	}
+	var o [MaxSpans]obs
+	no := 0
+	now := r.now()
+	sec := now.Unix()
+	total := rec.Total()
+	r.mu.Lock()
+	for i, s := range rec.Spans() {
 		if s.End.IsZero() || s.Start.IsZero() {
 			continue
 		}
-		r.hist.WithLabelValues(s.Stage, rec.Direction).Observe(s.Work().Seconds())
-		r.wait.WithLabelValues(s.Stage, rec.Direction).Observe(s.Wait().Seconds())
+		work := s.Work()
+		if se := r.lookup(s.Stage, rec.Direction, i); se != nil {
+			se.add(sec, int64(work))
+			o[no] = obs{se, work.Seconds(), s.Wait().Seconds()}
+			no++
+		} else {
+			// More (stage, direction) pairs than the window tracks: metrics only.
+			r.hist.WithLabelValues(s.Stage, rec.Direction).Observe(work.Seconds())
+			r.wait.WithLabelValues(s.Stage, rec.Direction).Observe(s.Wait().Seconds())
+		}
 	}
-	r.mu.Lock()
-	defer r.mu.Unlock()
 	r.recent[r.next] = *rec
 	r.next++
 	if r.next == r.size {
 		r.next, r.full = 0, true
 	}
-	total := rec.Total()
-	if len(r.slowest) < r.size {
-		r.slowest = append(r.slowest, *rec)
-	} else if total > r.slowest[len(r.slowest)-1].Total() {
-		r.slowest[len(r.slowest)-1] = *rec
-	} else {
-		return
+	if rec.Outcome != "established" {
+		r.fails[r.nfail%failureRing] = *rec
+		r.nfail++
 	}
-	sort.Slice(r.slowest, func(i, j int) bool { return r.slowest[i].Total() > r.slowest[j].Total() })
+	epoch := sec / slowSlotSeconds
+	r.slow[epoch%slowSlots].offer(epoch, now.UnixNano(), total, rec)
+	r.keepSlowest(total, rec)
+	r.mu.Unlock()
+	for _, x := range o[:no] {
+		x.s.work.Observe(x.work)
+		x.s.wait.Observe(x.wait)
+	}
+}
+
+// keepSlowest inserts rec into the sorted all-time slowest records if it belongs there.
+func (r *Recorder) keepSlowest(total time.Duration, rec *Record) {
+	n := len(r.slowest)
+	if n == r.nslow {
+		if total <= r.slowest[n-1].Total() {
+			return
+		}
+		n-- // the fastest drops out
+	} else {
+		r.slowest = r.slowest[:n+1]
+	}
+	i := sort.Search(n, func(i int) bool { return r.slowest[i].Total() < total })
+	copy(r.slowest[i+1:n+1], r.slowest[i:n])
+	r.slowest[i] = *rec
 }
 
 // Recent returns up to n of the latest records, newest first.

@@ -1,6 +1,7 @@
 package trace
 
 import (
+	"math"
 	"testing"
 	"time"
 
@@ -53,4 +54,218 @@ func ids(rs []Record) []uint64 {
 		out = append(out, r.ID)
 	}
 	return out
+}
+
+// clock is a settable time source for the window tests.
+type clock struct{ t time.Time }
+
+func (c *clock) now() time.Time { return c.t }
+
+// flow returns a finished record whose only stage worked for d.
+func flow(id uint64, stage, dir string, d time.Duration, outcome string) *Record {
+	t0 := time.Unix(1000, 0)
+	r := &Record{ID: id, Direction: dir, Begin: t0, Outcome: outcome}
+	r.Enter(stage, t0)
+	r.StartStage(t0)
+	r.Leave(t0.Add(d))
+	if outcome == "established" {
+		r.Established = t0.Add(d)
+	}
+	return r
+}
+
+// near fails the test unless got is within 6.5% of want: the histogram's buckets are 12.5%
+// wide, and the estimate interpolates inside one.
+func near(t *testing.T, name string, got, want time.Duration) {
+	t.Helper()
+	if d := math.Abs(float64(got-want)) / float64(want); d > 0.065 {
+		t.Errorf("%s = %v, want %v ±6.5%%", name, got, want)
+	}
+}
+
+func TestHistogramBuckets(t *testing.T) {
+	prev := -1
+	for ns := int64(0); ns < 1<<37; ns = ns*9/8 + 1 {
+		b := bucketOf(ns)
+		if b < prev {
+			t.Fatalf("bucketOf(%d) = %d after %d: not monotonic", ns, b, prev)
+		}
+		prev = b
+		if lo, hi := bucketLow(b), bucketLow(b+1); ns < lo || ns >= hi {
+			t.Fatalf("%dns in bucket %d = [%d, %d)", ns, b, lo, hi)
+		}
+		if lo, hi := bucketLow(b), bucketLow(b+1); b >= histSub && float64(hi-lo)/float64(lo) > 0.126 {
+			t.Fatalf("bucket %d = [%d, %d) is wider than 12.5%%", b, lo, hi)
+		}
+	}
+	if b := bucketOf(int64(time.Hour)); b != histBuckets-1 {
+		t.Fatalf("an hour is in bucket %d, want the last", b)
+	}
+}
+
+func TestWindowQuantiles(t *testing.T) {
+	r, err := NewRecorder(16, prometheus.NewRegistry())
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := &clock{time.Unix(10_000, 0)}
+	r.now = c.now
+	// 1..1000 µs, all in the current second: p50 = 500µs, p99 = 990µs.
+	for i := 1; i <= 1000; i++ {
+		r.Finish(flow(uint64(i), "identity", "outbound", time.Duration(i)*time.Microsecond, "established"))
+	}
+	// Another stage and direction, with one sample: its quantiles are exact (min = max).
+	r.Finish(flow(2000, "authz", "inbound", 1234*time.Microsecond, "DENY"))
+	end, ws := r.Window(time.Second)
+	if !end.Equal(time.Unix(10_000, 0)) || len(ws) != 2 {
+		t.Fatalf("end %v, %d series", end, len(ws))
+	}
+	in, out := ws[0], ws[1]
+	if in.Stage != "authz" || in.Direction != "inbound" || out.Stage != "identity" || out.Direction != "outbound" {
+		t.Fatalf("series = %s/%s, %s/%s", in.Stage, in.Direction, out.Stage, out.Direction)
+	}
+	near(t, "p50", out.P50, 500*time.Microsecond)
+	near(t, "p99", out.P99, 990*time.Microsecond)
+	if out.Count != 1000 || out.Max != time.Millisecond || out.Mean != 500500*time.Nanosecond {
+		t.Errorf("count %d max %v mean %v", out.Count, out.Max, out.Mean)
+	}
+	if in.Count != 1 || in.P50 != 1234*time.Microsecond || in.P99 != 1234*time.Microsecond {
+		t.Errorf("single sample: %+v", in)
+	}
+	if len(out.Points) != WindowSeconds {
+		t.Fatalf("%d points, want %d", len(out.Points), WindowSeconds)
+	}
+	last := out.Points[len(out.Points)-1]
+	if last.Count != 1000 || last.P50 != out.P50 || last.P99 != out.P99 {
+		t.Errorf("last point %+v", last)
+	}
+	for _, p := range out.Points[:len(out.Points)-1] {
+		if p.Count != 0 || p.P50 != 0 {
+			t.Fatalf("earlier point not empty: %+v", p)
+		}
+	}
+}
+
+func TestWindowStepsAndExpiry(t *testing.T) {
+	r, _ := NewRecorder(16, nil)
+	c := &clock{time.Unix(20_000, 0)}
+	r.now = c.now
+	// One sample per second for 30 s: the n-th second's sample is n ms.
+	for i := 1; i <= 30; i++ {
+		r.Finish(flow(uint64(i), "hbone", "outbound", time.Duration(i)*time.Millisecond, "established"))
+		c.t = c.t.Add(time.Second)
+	}
+	c.t = c.t.Add(-time.Second) // now: the second of the 30th sample
+	_, ws := r.Window(10 * time.Second)
+	if len(ws) != 1 || len(ws[0].Points) != 6 || ws[0].Count != 30 {
+		t.Fatalf("window = %+v", ws)
+	}
+	// Points of 10 s, oldest first: the last three hold samples 1-10, 11-20 and 21-30.
+	for i, p := range ws[0].Points {
+		want := 0
+		if i >= 3 {
+			want = 10
+		}
+		if p.Count != want {
+			t.Fatalf("point %d count %d, want %d", i, p.Count, want)
+		}
+	}
+	p := ws[0].Points[5]
+	near(t, "p50 of 21..30ms", p.P50, 25*time.Millisecond)
+	if p.P99 != 30*time.Millisecond { // the max: quantiles are clamped to it
+		t.Errorf("p99 of 21..30ms = %v, want 30ms", p.P99)
+	}
+	// 45 s later samples 1-15 are older than the window.
+	c.t = c.t.Add(45 * time.Second)
+	_, ws = r.Window(time.Second)
+	if len(ws) != 1 || ws[0].Count != 15 || ws[0].Max != 30*time.Millisecond {
+		t.Fatalf("after 45s: %+v", ws)
+	}
+	near(t, "p50 of 16..30ms", ws[0].P50, 23*time.Millisecond)
+	// A minute after the last sample nothing is left, and the ring reuses the old slots cleanly.
+	c.t = c.t.Add(15 * time.Second)
+	if _, ws = r.Window(time.Second); len(ws) != 0 {
+		t.Fatalf("after a minute: %+v", ws)
+	}
+	r.Finish(flow(99, "hbone", "outbound", 7*time.Millisecond, "established"))
+	if _, ws = r.Window(time.Second); len(ws) != 1 || ws[0].Count != 1 || ws[0].P99 != 7*time.Millisecond {
+		t.Fatalf("new sample after expiry: %+v", ws)
+	}
+}
+
+func TestSlowestWindowAndFailures(t *testing.T) {
+	r, _ := NewRecorder(4, nil)
+	c := &clock{time.Unix(30_000, 0)}
+	r.now = c.now
+	// An old, very slow flow, then 50 flows over 25 s.
+	r.Finish(flow(1, "hbone", "outbound", time.Second, "established"))
+	c.t = c.t.Add(70 * time.Second)
+	for i := 1; i <= 50; i++ {
+		outcome := "established"
+		if i%10 == 0 {
+			outcome = "DENY"
+		}
+		r.Finish(flow(uint64(100+i), "hbone", "outbound", time.Duration(i)*time.Millisecond, outcome))
+		c.t = c.t.Add(500 * time.Millisecond)
+	}
+	slow := r.SlowestWindow(5)
+	if got := ids(slow); len(got) != 5 || got[0] != 150 || got[4] != 146 {
+		t.Fatalf("slowest of the window = %v, want 150..146", got)
+	}
+	if all := r.Slowest(1); all[0].ID != 1 {
+		t.Fatalf("all-time slowest = %v, want 1", ids(all))
+	}
+	if got := len(r.SlowestWindow(1000)); got != 30 {
+		// 10 per 10-second slot; the 50 flows span 3 slots.
+		t.Fatalf("SlowestWindow(1000) returned %d records, want 30", got)
+	}
+	if got := ids(r.Failures(3)); len(got) != 3 || got[0] != 150 || got[1] != 140 || got[2] != 130 {
+		t.Fatalf("failures = %v", got)
+	}
+	c.t = c.t.Add(2 * time.Minute)
+	if got := r.SlowestWindow(10); len(got) != 0 {
+		t.Fatalf("slowest after two idle minutes = %v", ids(got))
+	}
+}
+
+func TestSlowestKeepsTheSlowest(t *testing.T) {
+	r, _ := NewRecorder(200, nil)
+	for i := 1; i <= 500; i++ {
+		d := time.Duration((i*7919)%500+1) * time.Microsecond // a permutation of 1..500
+		r.Finish(flow(uint64(i), "capture", "outbound", d, "established"))
+	}
+	s := r.Slowest(1000)
+	if len(s) != maxSlowest {
+		t.Fatalf("kept %d, want %d", len(s), maxSlowest)
+	}
+	for i, rec := range s {
+		if want := time.Duration(500-i) * time.Microsecond; rec.Total() != want {
+			t.Fatalf("slowest[%d] total %v, want %v", i, rec.Total(), want)
+		}
+	}
+}
+
+func BenchmarkFinish(b *testing.B) {
+	r, err := NewRecorder(512, prometheus.NewRegistry())
+	if err != nil {
+		b.Fatal(err)
+	}
+	recs := make([]*Record, 64)
+	for i := range recs {
+		t0 := time.Now()
+		rec := &Record{ID: uint64(i), Direction: "inbound", Begin: t0, Outcome: "established"}
+		for j, st := range []string{"capture", "identity", "authz", "upstream"} {
+			at := t0.Add(time.Duration(j*10+i) * time.Microsecond)
+			rec.Enter(st, at)
+			rec.StartStage(at.Add(time.Microsecond))
+			rec.Leave(at.Add(time.Duration(5+i%7) * time.Microsecond))
+		}
+		rec.Established = rec.spans[3].End
+		recs[i] = rec
+	}
+	b.ReportAllocs()
+	b.ResetTimer()
+	for i := 0; b.Loop(); i++ {
+		r.Finish(recs[i%len(recs)])
+	}
 }
