@@ -680,6 +680,9 @@ func (n *Node) established(f *stages.Flow) {
 	n.relays.Add(1)
 	n.mu.Unlock()
 	n.fillTrace(f)
+	// The stage trace is complete once the flow is established: record it now, so the live
+	// view and the stage histograms do not wait for long-lived connections to close.
+	n.rec.Finish(&f.Trace)
 	n.tel.Opened(f)
 	n.flows.Store(f.ID, f)
 	go func() {
@@ -687,7 +690,6 @@ func (n *Node) established(f *stages.Flow) {
 		res := n.relay.Run(f.Down, f.Up, &f.BytesSent, &f.BytesRecv)
 		n.flows.Delete(f.ID)
 		n.tracker.Remove(f.ID)
-		n.rec.Finish(&f.Trace)
 		n.tel.Closed(f, res.Err)
 	}()
 }
