@@ -230,3 +230,20 @@ func TestEditList(t *testing.T) {
 		}
 	}
 }
+
+func TestCounts(t *testing.T) {
+	s, err := Build(Config{
+		Workloads: []*Workload{{UID: "a", Name: "a", Namespace: "ns"}, {UID: "b", Name: "b", Namespace: "ns"}},
+		Services:  []*Service{{Name: "s", Namespace: "ns", Hostname: "s.local"}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if w, svc, p := s.Counts(); w != 2 || svc != 1 || p != 0 {
+		t.Fatalf("Counts = %d %d %d", w, svc, p)
+	}
+	next, _ := s.Apply(Delta{RemovedWorkloads: []string{"a"}, Policies: []*Policy{{Name: "p", Namespace: "ns", Scope: ScopeNamespace}}})
+	if w, svc, p := next.Counts(); w != 1 || svc != 1 || p != 1 {
+		t.Fatalf("Counts after Apply = %d %d %d", w, svc, p)
+	}
+}

@@ -327,6 +327,12 @@ func checkPolicy(p *Policy) error {
 // Version is the number the Store gave this snapshot when it was published (0 before).
 func (s *Snapshot) Version() uint64 { return s.version }
 
+// Counts returns how many workloads, services and policies the snapshot holds, without
+// building the sorted lists.
+func (s *Snapshot) Counts() (workloads, services, policies int) {
+	return s.idx.nWorkloads, s.idx.nServices, s.idx.nPolicies
+}
+
 // Built is when the snapshot was built.
 func (s *Snapshot) Built() time.Time { return s.built }
 

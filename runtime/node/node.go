@@ -279,7 +279,7 @@ func New(cfg Config) (*Node, error) {
 	n.admin, err = admin.New(admin.Config{
 		AdminAddr: cfg.AdminAddr, MetricsAddr: cfg.MetricsAddr, ReadinessAddr: cfg.ReadinessAddr,
 		Gatherer: reg, ConfigDump: n.configDump, Recorder: n.rec, Level: cfg.Level,
-		Quit: n.requestQuit, Ready: n.ready, Logger: cfg.Logger,
+		Quit: n.requestQuit, Ready: n.ready, Logger: cfg.Logger, Summary: n.summary,
 	})
 	if err != nil {
 		return nil, err
@@ -839,4 +839,21 @@ func addrPort(a net.Addr) netip.AddrPort {
 	}
 	ap, _ := netip.ParseAddrPort(a.String())
 	return ap
+}
+
+// summary describes the current snapshot for the dashboard cheaply: counts come from the
+// snapshot's indexes, not from walking it.
+func (n *Node) summary() admin.SnapshotSummary {
+	s := n.store.Load()
+	w, svc, p := s.Counts()
+	sum := admin.SnapshotSummary{
+		Node: n.cfg.Name, Version: buildinfo.Version, SnapshotVersion: s.Version(), Built: s.Built(),
+		AgeSeconds: time.Since(s.Built()).Seconds(), Workloads: w, Services: svc, Policies: p,
+		LocalWorkloads: len(s.WorkloadsOnNode(n.cfg.Name)), CertificateStates: map[string]int{},
+	}
+	for _, st := range n.certs.Snapshot() {
+		sum.Certificates++
+		sum.CertificateStates[string(st.State)]++
+	}
+	return sum
 }
