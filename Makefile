@@ -46,7 +46,8 @@ fuzz:
 		./stages/capture:FuzzHandshake \
 		./stages/hbone:FuzzParseBaggage \
 		./control/localfile:FuzzParse \
-		./stages/identity:FuzzParseAuthority ; do \
+		./stages/identity:FuzzParseAuthority \
+		./redirect/zds:FuzzDecode ; do \
 		pkg=$${spec%%:*}; fn=$${spec##*:}; \
 		echo "== $$pkg $$fn"; \
 		$(GO) test -run '^$$' -fuzz "^$$fn$$" -fuzztime $${FUZZTIME:-20s} $$pkg || exit 1; \
