@@ -174,6 +174,9 @@ type Flow struct {
 
 	// BytesSent counts bytes towards the server (Down -> Up); BytesRecv the other way.
 	BytesSent, BytesRecv atomic.Int64
+	// FirstByte is how long after establishment the first byte came back from the server
+	// (HBONE flows; zero if none came or it was not measured).
+	FirstByte time.Duration
 }
 
 // SetPlan sets the stages the flow will go through, starting now.

@@ -413,3 +413,26 @@ func TestServiceWaypoint(t *testing.T) {
 		t.Fatalf("pool = %+v", stats)
 	}
 }
+
+// TestFirstByteObserved: an HBONE flow records the time to the first byte from the server on
+// both nodes (outbound on node-a, inbound on node-b).
+func TestFirstByteObserved(t *testing.T) {
+	m := newMesh(t, "", nil)
+	meshtest.StartApp(t, serverIP+":8080", meshtest.Echo)
+	c, code, err := meshtest.SOCKS5(m.a.SOCKS5Addr(), netip.MustParseAddr(clientIP), serverIP+":8080", 10*time.Second)
+	if err != nil || code != 0 {
+		t.Fatalf("code %d err %v", code, err)
+	}
+	if got, err := meshtest.RoundTrip(c, []byte("ping")); err != nil || string(got) != "ping" {
+		t.Fatalf("got %q %v", got, err)
+	}
+	c.Close()
+	for _, tc := range []struct {
+		n   *node.Node
+		dir string
+	}{{m.a, "outbound"}, {m.b, "inbound"}} {
+		meshtest.WaitFor(t, 5*time.Second, func() bool {
+			return histogramCount(t, tc.n, "ztgo_stage_duration_seconds", map[string]string{"stage": "first_byte", "direction": tc.dir}) == 1
+		})
+	}
+}

@@ -32,3 +32,28 @@ func counterWith(t *testing.T, n *node.Node, name, label, value string) promethe
 	c.Add(sum)
 	return c
 }
+
+// histogramCount returns the sample count of histogram name with the given label values.
+func histogramCount(t *testing.T, n *node.Node, name string, labels map[string]string) uint64 {
+	t.Helper()
+	mfs, err := n.Registry().Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var count uint64
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+	metrics:
+		for _, m := range mf.GetMetric() {
+			for _, lp := range m.GetLabel() {
+				if want, ok := labels[lp.GetName()]; ok && lp.GetValue() != want {
+					continue metrics
+				}
+			}
+			count += m.GetHistogram().GetSampleCount()
+		}
+	}
+	return count
+}

@@ -19,6 +19,7 @@ import (
 	"net"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -687,7 +688,16 @@ func (n *Node) established(f *stages.Flow) {
 	n.flows.Store(f.ID, f)
 	go func() {
 		defer n.relays.Done()
-		res := n.relay.Run(f.Down, f.Up, &f.BytesSent, &f.BytesRecv)
+		var recv relay.Counter = &f.BytesRecv
+		if f.DownStream != nil || isStream(f.Up) {
+			// Bytes through an HBONE stream are counted as they move, so the first Add is the
+			// first byte. (TCP-to-TCP splice counts only at the end: not measured there.)
+			recv = &firstByteCounter{c: &f.BytesRecv, fn: func() {
+				f.FirstByte = time.Since(f.Trace.Established)
+				n.rec.ObserveFirstByte(f.Dir.String(), f.FirstByte)
+			}}
+		}
+		res := n.relay.Run(f.Down, f.Up, &f.BytesSent, recv)
 		n.flows.Delete(f.ID)
 		n.tracker.Remove(f.ID)
 		n.tel.Closed(f, res.Err)
@@ -856,4 +866,24 @@ func (n *Node) summary() admin.SnapshotSummary {
 		sum.CertificateStates[string(st.State)]++
 	}
 	return sum
+}
+
+func isStream(c stages.HalfCloser) bool {
+	_, ok := c.(*hbone.Stream)
+	return ok
+}
+
+// firstByteCounter counts bytes and calls fn once, on the first non-empty Add.
+type firstByteCounter struct {
+	c     *atomic.Int64
+	fired atomic.Bool
+	fn    func()
+}
+
+func (f *firstByteCounter) Add(n int64) int64 {
+	v := f.c.Add(n)
+	if n > 0 && !f.fired.Swap(true) {
+		f.fn()
+	}
+	return v
 }

@@ -293,5 +293,8 @@ func (t *Telemetry) attrs(f *stages.Flow, d time.Duration) []any {
 			a = append(a, "stage."+s.Stage, s.Work().String())
 		}
 	}
+	if f.FirstByte > 0 {
+		a = append(a, "stage.first_byte", f.FirstByte.String())
+	}
 	return a
 }

@@ -147,6 +147,17 @@ func NewRecorder(size int, reg prometheus.Registerer) (*Recorder, error) {
 
 // Finish observes rec's stages and keeps it in the rings and the window. rec is copied. It is
 // on every flow's completion path: in steady state it does not allocate.
+// ObserveFirstByte records how long an established flow waited for the first byte from the
+// server, as the "first_byte" stage of the stage histogram. It is kept out of the live
+// per-stage window: it includes the application's own response time, which would swamp the
+// proxy's setup stages in the stacked view.
+func (r *Recorder) ObserveFirstByte(direction string, d time.Duration) {
+	r.hist.WithLabelValues(StageFirstByte, direction).Observe(d.Seconds())
+}
+
+// StageFirstByte is the stage label of ObserveFirstByte.
+const StageFirstByte = "first_byte"
+
 func (r *Recorder) Finish(rec *Record) {
 	type obs struct {
 		s          *series
