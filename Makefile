@@ -47,7 +47,8 @@ fuzz:
 		./stages/hbone:FuzzParseBaggage \
 		./control/localfile:FuzzParse \
 		./stages/identity:FuzzParseAuthority \
-		./redirect/zds:FuzzDecode ; do \
+		./redirect/zds:FuzzDecode \
+		./stages/dns:FuzzHandle ; do \
 		pkg=$${spec%%:*}; fn=$${spec##*:}; \
 		echo "== $$pkg $$fn"; \
 		$(GO) test -run '^$$' -fuzz "^$$fn$$" -fuzztime $${FUZZTIME:-20s} $$pkg || exit 1; \

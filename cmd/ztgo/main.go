@@ -141,6 +141,7 @@ func runNode(args []string, stderr io.Writer) int {
 		trustDomain = fs.String("trust-domain", env("TRUST_DOMAIN", "cluster.local"), "trust domain of the in-memory CA (env TRUST_DOMAIN)")
 		_           = fs.String("cluster-domain", env("CLUSTER_DOMAIN", "cluster.local"), "cluster DNS domain (env CLUSTER_DOMAIN)")
 		socks5      = fs.String("socks5", env("ZTGO_SOCKS5_ADDR", "127.0.0.1:15080"), "SOCKS5 outbound entry address, as ztunnel's 15080; empty disables")
+		dnsAddr     = fs.String("dns", env("ZTGO_DNS_ADDR", ""), "DNS proxy address (UDP and TCP) answering mesh service names for local workloads, as ztunnel's 15053; empty disables")
 		adminAddr   = fs.String("admin", env("ZTGO_ADMIN_ADDR", "localhost:15000"), "admin address (config_dump, flows, logging, pprof); empty disables")
 		metrics     = fs.String("metrics", env("ZTGO_METRICS_ADDR", "[::]:15020"), "Prometheus metrics address; empty disables")
 		readiness   = fs.String("readiness", env("ZTGO_READINESS_ADDR", "[::]:15021"), "readiness address (/healthz/ready); empty disables")
@@ -215,7 +216,7 @@ func runNode(args []string, stderr io.Writer) int {
 		Name: *nodeName, Network: *network, Source: src, XDS: xdsCfg, IstiodCA: istiodCA,
 		ConfigPath: *cfgPath, ConfigInline: os.Getenv("LOCAL_XDS"), DefaultConfig: defaultConfig,
 		CADir: *caDir, TrustDomain: *trustDomain, CertTTL: *certTTL,
-		SOCKS5Addr: *socks5, AdminAddr: *adminAddr, MetricsAddr: *metrics, ReadinessAddr: *readiness,
+		SOCKS5Addr: *socks5, DNSAddr: *dnsAddr, AdminAddr: *adminAddr, MetricsAddr: *metrics, ReadinessAddr: *readiness,
 		PoolMaxStreams: uint32(*maxStreams), PoolIdleTimeout: *poolIdle, Mark: *mark, Transparent: *origSrc,
 		Workers: *workers, DrainTimeout: *drain, LogAuthzInfo: *authzInfo,
 		DebugSnapshot: snapshot.DebugFromEnv(os.Getenv),

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	dto "github.com/prometheus/client_model/go"
+	"golang.org/x/net/dns/dnsmessage"
 
 	"github.com/ztgo/ztgo/runtime/node"
 )
@@ -90,6 +91,9 @@ func StartMesh(tb testing.TB, subnet int) *Mesh {
 		Name:         "metricslint",
 		ConfigInline: fmt.Sprintf(meshYAML, subnet, port),
 		SOCKS5Addr:   netip.AddrPortFrom(ip(1), 0).String(),
+		DNSAddr:      netip.AddrPortFrom(ip(1), 0).String(),
+		// Nothing listens there: a forwarded query fails at once (port unreachable).
+		DNSUpstreams: []string{netip.AddrPortFrom(ip(53), 53).String()},
 		DrainTimeout: time.Second,
 	})
 	if err != nil {
@@ -165,6 +169,38 @@ func (m *Mesh) Refused(tb testing.TB) {
 	}
 }
 
+// DNS sends the node's DNS proxy, from the client workload, a query it answers (the echo
+// service) and one it forwards to an upstream that is down (SERVFAIL), so every istio_dns_*
+// family has a series.
+func (m *Mesh) DNS(tb testing.TB) {
+	tb.Helper()
+	for i, name := range []string{"echo.default.svc.cluster.local.", "example.invalid."} {
+		b := dnsmessage.NewBuilder(nil, dnsmessage.Header{ID: uint16(i + 1), RecursionDesired: true})
+		b.StartQuestions()
+		b.Question(dnsmessage.Question{Name: dnsmessage.MustNewName(name), Type: dnsmessage.TypeA, Class: dnsmessage.ClassINET})
+		req, err := b.Finish()
+		if err != nil {
+			tb.Fatal(err)
+		}
+		d := net.Dialer{LocalAddr: net.UDPAddrFromAddrPort(netip.AddrPortFrom(m.client, 0)), Timeout: 5 * time.Second}
+		c, err := d.Dial("udp", m.Node.DNSAddr())
+		if err != nil {
+			tb.Fatal(err)
+		}
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		if _, err := c.Write(req); err != nil {
+			c.Close()
+			tb.Fatal(err)
+		}
+		buf := make([]byte, 1500)
+		_, err = c.Read(buf)
+		c.Close()
+		if err != nil {
+			tb.Fatalf("dns query %s: %v", name, err)
+		}
+	}
+}
+
 // Gather returns what the node's registry gathers now.
 func (m *Mesh) Gather(tb testing.TB) []*dto.MetricFamily {
 	tb.Helper()
@@ -185,6 +221,7 @@ func Families(tb testing.TB, subnet int) (*Mesh, []*dto.MetricFamily) {
 	m := StartMesh(tb, subnet)
 	m.Echo(tb)
 	m.Refused(tb)
+	m.DNS(tb)
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		mfs := m.Gather(tb)

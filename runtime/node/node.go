@@ -38,6 +38,7 @@ import (
 	"github.com/ztgo/ztgo/stages"
 	"github.com/ztgo/ztgo/stages/authz"
 	"github.com/ztgo/ztgo/stages/capture"
+	"github.com/ztgo/ztgo/stages/dns"
 	"github.com/ztgo/ztgo/stages/hbone"
 	"github.com/ztgo/ztgo/stages/upstream"
 	"github.com/ztgo/ztgo/tls/ca"
@@ -71,6 +72,11 @@ type Config struct {
 	CertTTL     time.Duration
 
 	SOCKS5Addr, AdminAddr, MetricsAddr, ReadinessAddr string
+	// DNSAddr, when set, serves the DNS proxy there (UDP and TCP) for the local workloads.
+	DNSAddr string
+	// DNSUpstreams are the resolvers the DNS proxy forwards to ("host:port"); nil reads
+	// /etc/resolv.conf.
+	DNSUpstreams []string
 	// HBONEPort is where inbound HBONE listens on each local workload address (15008).
 	HBONEPort uint16
 
@@ -122,6 +128,7 @@ type Node struct {
 	tel                 *telemetry.Telemetry
 	admin               *admin.Server
 	ready               *admin.Readiness
+	dns                 *dns.Server // nil without DNSAddr
 
 	serverTLS *tls.Config
 	handshake chan struct{} // bounds concurrent inbound TLS handshakes
@@ -276,6 +283,15 @@ func New(cfg Config) (*Node, error) {
 	if err != nil {
 		return nil, err
 	}
+	if cfg.DNSAddr != "" {
+		n.dns, err = dns.New(dns.Config{
+			Addr: cfg.DNSAddr, Snapshot: n.store.Load, Network: cfg.Network, Upstreams: cfg.DNSUpstreams,
+			Workers: cfg.Workers, Logger: cfg.Logger.With("scope", "dns"), Registerer: reg,
+		})
+		if err != nil {
+			return nil, err
+		}
+	}
 	n.serverTLS = n.certs.ServerConfig(n.serverIdentity)
 	n.admin, err = admin.New(admin.Config{
 		AdminAddr: cfg.AdminAddr, MetricsAddr: cfg.MetricsAddr, ReadinessAddr: cfg.ReadinessAddr,
@@ -308,6 +324,14 @@ func (n *Node) SOCKS5Addr() string {
 		return ""
 	}
 	return n.socksLn.Addr().String()
+}
+
+// DNSAddr is the bound DNS proxy address (UDP and TCP), or "" without one.
+func (n *Node) DNSAddr() string {
+	if n.dns == nil {
+		return ""
+	}
+	return n.dns.Addr()
 }
 
 // AdminAddr returns the bound address of "admin", "metrics" or "readiness".
@@ -375,6 +399,11 @@ func (n *Node) Start(ctx context.Context) error {
 		n.mu.Unlock()
 		n.wg.Add(1)
 		go n.acceptSOCKS(ln)
+	}
+	if n.dns != nil {
+		if err := n.dns.Start(); err != nil {
+			return err
+		}
 	}
 	// Subscribe before the first look at the store, so no publish falls in between.
 	snapCh, snapCancel := n.store.Subscribe()
@@ -761,6 +790,9 @@ func (n *Node) Stop(ctx context.Context) error {
 	n.stopping = true
 	if n.socksLn != nil {
 		n.socksLn.Close()
+	}
+	if n.dns != nil {
+		defer n.dns.Stop()
 	}
 	for ip, ln := range n.inbound {
 		ln.Close()
