@@ -44,6 +44,8 @@ const (
 	// more (PING or SETTINGS floods) loses its connection.
 	maxCtrlQueue = 4096
 	bufSize      = 64 << 10
+	// prefaceTimeout bounds the wait for a client's HTTP/2 preface after the TLS handshake.
+	prefaceTimeout = 10 * time.Second
 )
 
 // Handler receives each new stream on a server connection. It runs on the connection's read loop
@@ -126,6 +128,7 @@ type ctrlFrame struct {
 	stream uint32
 	n      uint32 // window increment, error code, or status
 	data   [8]byte
+	hdr    []Header // extra response headers (ctrlRespond)
 }
 
 // NewClientConn starts an HTTP/2 client on an established (TLS) connection: it writes the
@@ -169,7 +172,11 @@ func ServeConn(nc net.Conn, cfg Config) (*Conn, error) {
 		return nil, fmt.Errorf("write server settings: %w", err)
 	}
 	var preface [len(clientPreface)]byte
-	if _, err := io.ReadFull(nc, preface[:]); err != nil || string(preface[:]) != clientPreface {
+	// A client that completes TLS and then sends nothing must not hold the caller forever.
+	nc.SetReadDeadline(time.Now().Add(prefaceTimeout))
+	_, err = io.ReadFull(nc, preface[:])
+	nc.SetReadDeadline(time.Time{})
+	if err != nil || string(preface[:]) != clientPreface {
 		nc.Close()
 		if err == nil {
 			err = errors.New("bad client preface")
@@ -488,6 +495,9 @@ func (c *Conn) OpenReserved(ctx context.Context, req *Request) (*Stream, *Respon
 func (c *Conn) writeHeaderBlockLocked(id uint32, endStream bool) error {
 	block := c.hbuf.Bytes()
 	max := int(c.peerMaxFrameSize())
+	if max < 1<<14 {
+		max = 1 << 14 // never below the protocol minimum (a bad peer value is rejected on receipt)
+	}
 	first := true
 	for first || len(block) > 0 {
 		frag := block
@@ -611,7 +621,10 @@ func (c *Conn) writeCtrlLocked(f *ctrlFrame) error {
 	case ctrlRespond:
 		c.hbuf.Reset()
 		c.henc.WriteField(hpack.HeaderField{Name: ":status", Value: strconv.Itoa(int(f.n))})
-		return c.writeHeaderBlockLocked(f.stream, true)
+		for _, h := range f.hdr {
+			c.henc.WriteField(hpack.HeaderField{Name: h.Name, Value: h.Value})
+		}
+		return c.writeHeaderBlockLocked(f.stream, f.n != 200)
 	}
 	return nil
 }

@@ -6,8 +6,6 @@ import (
 	"math/rand/v2"
 	"net/netip"
 	"strings"
-
-	"golang.org/x/net/http2/hpack"
 )
 
 // Header names HBONE uses (lower case, as HTTP/2 requires).
@@ -167,8 +165,4 @@ func NewTraceParent(r *rand.Rand) string {
 	hex.Encode(out[36:52], b[16:])
 	copy(out[52:], "-00")
 	return string(out[:])
-}
-
-func hpackField(name, value string) hpack.HeaderField {
-	return hpack.HeaderField{Name: name, Value: value}
 }

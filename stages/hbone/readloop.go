@@ -257,6 +257,12 @@ func (c *Conn) onSettings(f *http2.SettingsFrame) error {
 				st.sendWindow += delta
 			}
 		case http2.SettingMaxFrameSize:
+			// RFC 9113 6.5.2: outside [2^14, 2^24-1] is a connection error. A zero here would
+			// make every write loop forever on empty frames.
+			if s.Val < 1<<14 || s.Val > 1<<24-1 {
+				err = connErr(http2.ErrCodeProtocol, "SETTINGS_MAX_FRAME_SIZE %d out of range", s.Val)
+				return err
+			}
 			c.peerMaxFrame = s.Val
 		case http2.SettingMaxConcurrentStreams:
 			c.peerMaxStreams = s.Val

@@ -15,7 +15,7 @@ type Settings struct {
 	// MaxConcurrentStreams is what we advertise (server) or the most streams we open (client).
 	MaxConcurrentStreams uint32
 	// PingInterval is how often a PING is sent; PingTimeout how long to wait for its ACK
-	// before the connection is closed. Zero PingInterval disables keepalive.
+	// before the connection is closed. Zero takes the default (10 s); negative disables it.
 	PingInterval time.Duration
 	PingTimeout  time.Duration
 }
@@ -76,5 +76,10 @@ func (s *Settings) fill(def Settings) {
 	}
 	if s.PingTimeout == 0 {
 		s.PingTimeout = def.PingTimeout
+	}
+	// Keepalive is on unless disabled: without it a peer that stops reading and answering
+	// could hold a connection, and its writers, forever. A negative interval disables it.
+	if s.PingInterval == 0 {
+		s.PingInterval = def.PingInterval
 	}
 }

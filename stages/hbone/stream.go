@@ -334,7 +334,10 @@ func (s *Stream) CloseWrite() error {
 	return err
 }
 
-// Respond answers a CONNECT (server side). A status other than 200 ends the stream.
+// Respond answers a CONNECT (server side). A status other than 200 ends the stream. It never
+// blocks on the socket: the answer is queued for the connection's writer, which sends it
+// before any DATA of the stream (every writer drains the queue first), so a peer that stops
+// reading cannot hold the caller (a shared stage worker).
 func (s *Stream) Respond(status int, hdr []Header) error {
 	s.mu.Lock()
 	if s.responded {
@@ -352,33 +355,35 @@ func (s *Stream) Respond(status int, hdr []Header) error {
 		return ErrStreamClosed
 	}
 	c := s.c
-	c.wmu.Lock()
-	err := c.drainCtrlLocked()
-	if err == nil {
-		c.hbuf.Reset()
-		writeField(c, ":status", itoa3(status))
-		for _, h := range hdr {
-			writeField(c, h.Name, h.Value)
-		}
-		err = c.writeHeaderBlockLocked(s.id, end)
+	c.mu.Lock()
+	closed := c.closed
+	c.mu.Unlock()
+	if closed {
+		return ErrConnClosed
 	}
-	if uerr := c.unlockWrite(); err == nil {
-		err = uerr
-	}
+	c.queueCtrl(ctrlFrame{kind: ctrlRespond, stream: s.id, n: uint32(status), hdr: hdr})
 	if end {
 		c.maybeRemove(s)
 	}
-	return err
+	return nil
 }
 
-// respondQueued answers with an error status from the read loop, which must not write.
+// respondQueued answers with an error status from the read loop, which must not write, and
+// releases the stream: nobody else owns it (the handler never saw it), so it is reset with
+// NO_ERROR right after the answer and its buffers freed, and data the peer still sends is
+// dropped instead of buffered.
 func (s *Stream) respondQueued(status int) {
 	s.mu.Lock()
 	s.responded = true
 	s.localEnded = true
+	remoteEnded := s.remoteEnded
 	s.mu.Unlock()
 	s.c.queueCtrl(ctrlFrame{kind: ctrlRespond, stream: s.id, n: uint32(status)})
-	s.c.maybeRemove(s)
+	if !remoteEnded {
+		s.c.queueCtrl(ctrlFrame{kind: ctrlRST, stream: s.id, n: uint32(http2.ErrCodeNo)})
+	}
+	s.fail(ErrStreamClosed)
+	s.c.remove(s)
 }
 
 // Close releases the stream. If either side had not ended it, the peer gets RST_STREAM
@@ -454,15 +459,4 @@ func (s *Stream) bothClosed() bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.localEnded && s.remoteEnded
-}
-
-func writeField(c *Conn, name, value string) {
-	c.henc.WriteField(hpackField(name, value))
-}
-
-func itoa3(n int) string {
-	if n >= 100 && n <= 999 {
-		return string([]byte{byte('0' + n/100), byte('0' + n/10%10), byte('0' + n%10)})
-	}
-	return "500"
 }
