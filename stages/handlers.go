@@ -256,6 +256,10 @@ func (h *Handlers) hbone(ctx context.Context, f *Flow) Verdict {
 // upstream dials plain TCP: the app (inbound, keeping the client's address), a passthrough
 // destination or a non-HBONE workload (outbound, from the source workload's address).
 func (h *Handlers) upstream(ctx context.Context, f *Flow) Verdict {
+	if f.DownStream != nil && f.DownStream.Failed() {
+		// The client gave up (reset, or its connection died): do not dial for nobody.
+		return f.Fail(FailConnect, errors.New("client reset the stream before the upstream was dialled"))
+	}
 	dst := f.UpAddr
 	src := f.Src.Addr()
 	if f.Dir == Inbound && src == dst.Addr() {

@@ -235,6 +235,10 @@ type Hooks struct {
 
 // Pipeline runs the stages as actors.
 type Pipeline struct {
+	// stopMu orders submissions against Stop: Submit and TrySubmit hold it shared across
+	// their check and send, Stop takes it exclusively to set stopped, so no flow can land in
+	// a mailbox after Stop drained it.
+	stopMu  sync.RWMutex
 	stopped atomic.Bool
 	actors  [numStages]*actor
 	hooks   Hooks
@@ -341,7 +345,9 @@ func (p *Pipeline) Start() {
 
 // Stop ends the workers after the flows they hold; flows still queued are failed.
 func (p *Pipeline) Stop() {
+	p.stopMu.Lock()
 	p.stopped.Store(true)
+	p.stopMu.Unlock()
 	if p.cancel == nil {
 		return
 	}
@@ -373,6 +379,8 @@ func (p *Pipeline) NewFlow(dir Direction, snap *snapshot.Snapshot, plan ...ID) *
 
 // Submit queues f for the first stage of its plan, waiting while the mailbox is full.
 func (p *Pipeline) Submit(ctx context.Context, f *Flow) error {
+	p.stopMu.RLock()
+	defer p.stopMu.RUnlock()
 	if p.stopped.Load() {
 		return ErrStopped
 	}
@@ -394,6 +402,8 @@ func (p *Pipeline) Submit(ctx context.Context, f *Flow) error {
 
 // TrySubmit queues f without waiting; it fails with ErrOverloaded when the mailbox is full.
 func (p *Pipeline) TrySubmit(f *Flow) error {
+	p.stopMu.RLock()
+	defer p.stopMu.RUnlock()
 	if p.stopped.Load() {
 		return ErrStopped
 	}

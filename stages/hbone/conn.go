@@ -103,6 +103,8 @@ type Conn struct {
 
 	// Read-loop-only state.
 	recvUnacked uint32
+	resetWindow time.Time // start of the current early-reset window
+	earlyResets int       // unanswered streams the peer reset in that window
 
 	pingOut  atomic.Int64 // unix nanos of the outstanding PING, 0 if none
 	chunks   sync.Pool

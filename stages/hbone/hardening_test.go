@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"net"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -140,5 +141,32 @@ func TestPrefaceTimeout(t *testing.T) {
 		}
 	case <-time.After(prefaceTimeout + 5*time.Second):
 		t.Fatal("ServeConn still waiting for the preface")
+	}
+}
+
+// Rapid Reset: a peer that opens streams and resets them before their answer is cut off once
+// it passes the early-reset limit, instead of feeding the pipeline at line rate.
+func TestRapidResetClosesConn(t *testing.T) {
+	var calls atomic.Int32
+	srv, fr, _ := rawClient(t, func(s *Stream) { calls.Add(1) })
+	fr.WriteSettings()
+	go func() {
+		for id := uint32(1); id < 2*5000; id += 2 {
+			if fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, EndHeaders: true,
+				BlockFragment: headerBlock(":method", "CONNECT", ":authority", "10.0.0.1:80")}) != nil {
+				return
+			}
+			if fr.WriteRSTStream(id, http2.ErrCodeCancel) != nil {
+				return
+			}
+		}
+	}()
+	select {
+	case <-srv.Done():
+	case <-time.After(10 * time.Second):
+		t.Fatalf("connection still open after %d reset streams", calls.Load())
+	}
+	if n := calls.Load(); n > maxEarlyResets+ServerMaxStreams {
+		t.Fatalf("handler ran %d times before the cut-off", n)
 	}
 }

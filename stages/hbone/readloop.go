@@ -70,6 +70,11 @@ func (c *Conn) dispatch(f http2.Frame) error {
 		s := c.streams[f.StreamID]
 		c.mu.Unlock()
 		if s != nil {
+			if c.server && !s.answered() && c.countEarlyReset() {
+				// Rapid Reset (CVE-2023-44487): each opened-then-reset stream still costs a
+				// trip through the pipeline, which the stream limit no longer bounds.
+				return connErr(http2.ErrCodeEnhanceYourCalm, "too many streams reset before their answer")
+			}
 			err := fmt.Errorf("%w: %v", ErrStreamReset, f.ErrCode)
 			if f.ErrCode == http2.ErrCodeNo || f.ErrCode == http2.ErrCodeCancel {
 				// ztunnel treats a NO_ERROR or CANCEL reset as the end of the stream.
@@ -337,4 +342,22 @@ func (c *Conn) remove(s *Stream) {
 	if drain {
 		go c.shutdown(nil, http2.ErrCodeNo)
 	}
+}
+
+// Early-reset limit: a peer may reset at most maxEarlyResets streams before we answered them
+// within earlyResetWindow. Legitimate clients rarely abandon a CONNECT before its answer.
+const (
+	maxEarlyResets   = 2 * ServerMaxStreams
+	earlyResetWindow = 10 * time.Second
+)
+
+// countEarlyReset records one reset of an unanswered stream (read loop only) and reports
+// whether the peer went over the limit.
+func (c *Conn) countEarlyReset() bool {
+	now := time.Now()
+	if now.Sub(c.resetWindow) > earlyResetWindow {
+		c.resetWindow, c.earlyResets = now, 0
+	}
+	c.earlyResets++
+	return c.earlyResets > maxEarlyResets
 }

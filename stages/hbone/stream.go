@@ -56,6 +56,21 @@ func (c *Conn) newStream(id uint32) *Stream {
 	return s
 }
 
+// answered reports whether the stream got its response.
+func (s *Stream) answered() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.responded
+}
+
+// Failed reports whether the stream is already dead (reset by the peer, its connection gone,
+// or closed): a stage can skip work for a flow nobody waits for any more.
+func (s *Stream) Failed() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.rerr != nil || s.peerGone
+}
+
 // ID is the HTTP/2 stream id.
 func (s *Stream) ID() uint32 { return s.id }
 
