@@ -48,7 +48,9 @@ fuzz:
 		./control/localfile:FuzzParse \
 		./stages/identity:FuzzParseAuthority \
 		./redirect/zds:FuzzDecode \
-		./stages/dns:FuzzHandle ; do \
+		./stages/dns:FuzzHandle \
+		./control/xds:FuzzHandle \
+		./stages/authz:FuzzPrincipalMatch ; do \
 		pkg=$${spec%%:*}; fn=$${spec##*:}; \
 		echo "== $$pkg $$fn"; \
 		$(GO) test -run '^$$' -fuzz "^$$fn$$" -fuzztime $${FUZZTIME:-20s} $$pkg || exit 1; \
