@@ -100,8 +100,16 @@ type metrics struct {
 	dialOK, dialFail prometheus.Counter
 }
 
-// ErrClosed is returned by Get after Close.
-var ErrClosed = errors.New("connpool: pool closed")
+// Errors of Get.
+var (
+	// ErrClosed: Get after Close.
+	ErrClosed = errors.New("connpool: pool closed")
+	// ErrNoStream: the connections Get dialled had no stream to give.
+	ErrNoStream = errors.New("connpool: new connection has no free stream")
+)
+
+// maxDialsPerGet bounds how many connections one Get may dial.
+const maxDialsPerGet = 2
 
 // New returns a pool; Start begins idle eviction.
 func New(cfg Config) (*Pool, error) {
@@ -148,6 +156,7 @@ func (p *Pool) Start() {
 // Get returns a connection for key with one stream slot reserved for the caller, who must use
 // it with OpenReserved or give it back with Unreserve.
 func (p *Pool) Get(ctx context.Context, key Key) (*hbone.Conn, error) {
+	dials := 0
 	for {
 		p.mu.Lock()
 		if p.closed {
@@ -177,6 +186,13 @@ func (p *Pool) Get(ctx context.Context, key Key) (*hbone.Conn, error) {
 				return nil, ctx.Err()
 			}
 		}
+		if dials == maxDialsPerGet {
+			// Every connection this call dialled was full at once (a peer that sends GOAWAY
+			// or allows no stream): give up instead of dialling until the context ends.
+			p.mu.Unlock()
+			return nil, fmt.Errorf("dial %s: %w", key.Dst, ErrNoStream)
+		}
+		dials++
 		call := &dialCall{done: make(chan struct{})}
 		e.dialing = call
 		p.mu.Unlock()

@@ -231,3 +231,69 @@ func waitFor(t *testing.T, cond func() bool) {
 		time.Sleep(5 * time.Millisecond)
 	}
 }
+
+// A peer whose new connections refuse every stream (GOAWAY right after the preface) must not
+// make Get dial again and again.
+func TestGetGivesUpOnFullNewConnections(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			nc, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				c, err := hbone.ServeConn(nc, hbone.Config{Handler: func(*hbone.Stream) {}})
+				if err == nil {
+					c.Shutdown(context.Background()) // GOAWAY at once
+				}
+			}()
+		}
+	}()
+	var dials atomic.Int32
+	p, err := New(Config{Dial: func(ctx context.Context, k Key) (*hbone.Conn, error) {
+		dials.Add(1)
+		nc, err := net.Dial("tcp", k.Dst.String())
+		if err != nil {
+			return nil, err
+		}
+		c, err := hbone.NewClientConn(nc, hbone.Config{})
+		if err != nil {
+			return nil, err
+		}
+		// Wait for the GOAWAY so the new connection is already unusable when Get reserves.
+		deadline := time.Now().Add(5 * time.Second)
+		for c.Usable() && time.Now().Before(deadline) {
+			time.Sleep(5 * time.Millisecond)
+		}
+		return c, nil
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.Start()
+	t.Cleanup(p.Close)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	res := make(chan error, 1)
+	go func() {
+		_, err := p.Get(ctx, NewKey("src", nil, netip.MustParseAddrPort(ln.Addr().String()), netip.Addr{}))
+		res <- err
+	}()
+	select {
+	case err = <-res:
+	case <-time.After(10 * time.Second):
+		// The unbounded loop never looked at ctx: fail instead of hanging the suite.
+		t.Fatalf("Get still dialling after 10 s (%d dials)", dials.Load())
+	}
+	if !errors.Is(err, ErrNoStream) {
+		t.Fatalf("Get = %v, want ErrNoStream", err)
+	}
+	if n := dials.Load(); n > maxDialsPerGet {
+		t.Fatalf("Get dialled %d times", n)
+	}
+}
