@@ -35,7 +35,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/netip"
 	"sync"
 	"sync/atomic"
@@ -458,10 +457,4 @@ func (p *Pipeline) work(ctx context.Context, a *actor) {
 			}
 		}
 	}
-}
-
-// TCPHalfCloser returns c as a HalfCloser when it supports CloseWrite.
-func TCPHalfCloser(c net.Conn) (HalfCloser, bool) {
-	h, ok := c.(HalfCloser)
-	return h, ok
 }

@@ -19,7 +19,6 @@ import (
 	"net"
 	"net/netip"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -717,16 +716,10 @@ func (n *Node) established(f *stages.Flow) {
 	n.flows.Store(f.ID, f)
 	go func() {
 		defer n.relays.Done()
-		var recv relay.Counter = &f.BytesRecv
-		if f.DownStream != nil || isStream(f.Up) {
-			// Bytes through an HBONE stream are counted as they move, so the first Add is the
-			// first byte. (TCP-to-TCP splice counts only at the end: not measured there.)
-			recv = &firstByteCounter{c: &f.BytesRecv, fn: func() {
-				f.FirstByte = time.Since(f.Trace.Established)
-				n.rec.ObserveFirstByte(f.Dir.String(), f.FirstByte)
-			}}
-		}
-		res := n.relay.Run(f.Down, f.Up, &f.BytesSent, recv)
+		res := n.relay.Run(f.Down, f.Up, &f.BytesSent, &f.BytesRecv, func() {
+			f.FirstByte = time.Since(f.Trace.Established)
+			n.rec.ObserveFirstByte(f.Dir.String(), f.FirstByte)
+		})
 		n.flows.Delete(f.ID)
 		n.tracker.Remove(f.ID)
 		n.tel.Closed(f, res.Err)
@@ -868,10 +861,7 @@ func (n *Node) mergeSources() {
 	for _, e := range errs {
 		n.log.Warn("local overlay resource rejected", "error", e.Error())
 	}
-	if merged == base {
-		return // nothing applicable; base belongs to the xDS store and must not be republished
-	}
-	n.store.Publish(merged)
+	n.store.Publish(merged) // Apply always returns a new snapshot, never base itself
 }
 
 func addrPort(a net.Addr) netip.AddrPort {
@@ -898,24 +888,4 @@ func (n *Node) summary() admin.SnapshotSummary {
 		sum.CertificateStates[string(st.State)]++
 	}
 	return sum
-}
-
-func isStream(c stages.HalfCloser) bool {
-	_, ok := c.(*hbone.Stream)
-	return ok
-}
-
-// firstByteCounter counts bytes and calls fn once, on the first non-empty Add.
-type firstByteCounter struct {
-	c     *atomic.Int64
-	fired atomic.Bool
-	fn    func()
-}
-
-func (f *firstByteCounter) Add(n int64) int64 {
-	v := f.c.Add(n)
-	if n > 0 && !f.fired.Swap(true) {
-		f.fn()
-	}
-	return v
 }

@@ -71,15 +71,18 @@ type Result struct {
 type Counter interface{ Add(int64) int64 }
 
 // Run copies between down and up until both directions are finished, then closes both. It
-// blocks; the up-to-down direction runs on a second goroutine.
-func (r *Relay) Run(down, up Conn, sent, recv Counter) Result {
+// blocks; the up-to-down direction runs on a second goroutine. firstRecv, if not nil, is
+// called once when the first bytes from up reach down, on paths that move bytes through user
+// space (an HBONE stream on either end); a TCP-to-TCP splice is not observed byte by byte, so
+// there it is never called.
+func (r *Relay) Run(down, up Conn, sent, recv Counter, firstRecv func()) Result {
 	var res Result
 	var upErr error
 	var wg sync.WaitGroup
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		res.Recv, upErr = r.pipe(down, up, recv)
+		res.Recv, upErr = r.pipe(down, up, recv, firstRecv)
 		if upErr != nil {
 			// Abort: unblock the other direction.
 			down.Close()
@@ -87,7 +90,7 @@ func (r *Relay) Run(down, up Conn, sent, recv Counter) Result {
 		}
 	}()
 	var downErr error
-	res.Sent, downErr = r.pipe(up, down, sent)
+	res.Sent, downErr = r.pipe(up, down, sent, nil)
 	if downErr != nil {
 		down.Close()
 		up.Close()
@@ -99,26 +102,31 @@ func (r *Relay) Run(down, up Conn, sent, recv Counter) Result {
 	return res
 }
 
-// pipe copies src to dst until src's EOF, then closes dst's write half.
-func (r *Relay) pipe(dst, src Conn, c Counter) (int64, error) {
+// pipe copies src to dst until src's EOF, then closes dst's write half. first, if set, is
+// called once on the first bytes moved, where bytes are counted as they move.
+func (r *Relay) pipe(dst, src Conn, c Counter, first func()) (int64, error) {
 	var n int64
 	var err error
+	live := c // counts as bytes move; notices the first ones
+	if first != nil {
+		live = &firstCounter{c: c, fn: first}
+	}
 	switch {
 	case isTCP(dst) && isTCP(src):
 		// splice(2): the bytes never enter user space.
 		n, err = dst.(*net.TCPConn).ReadFrom(src.(*net.TCPConn))
 	case isStream(src):
-		n, err = src.(*hbone.Stream).WriteTo(countWriter{dst, c})
+		n, err = src.(*hbone.Stream).WriteTo(countWriter{dst, live})
 		c = nil
 	case isStream(dst) && isTCP(src):
-		n, err = r.tcpToStream(dst.(*hbone.Stream), src.(*net.TCPConn), c)
+		n, err = r.tcpToStream(dst.(*hbone.Stream), src.(*net.TCPConn), live)
 		c = nil
 		if err == nil {
 			return n, nil // tcpToStream already sent END_STREAM
 		}
 	case isStream(dst):
 		bp := r.getBuf()
-		n, err = dst.(*hbone.Stream).ReadFromBuffer(countReader{src, c}, *bp)
+		n, err = dst.(*hbone.Stream).ReadFromBuffer(countReader{src, live}, *bp)
 		r.putBuf(bp)
 		c = nil
 		if err == nil {
@@ -185,6 +193,24 @@ func (r *Relay) tcpToStream(dst *hbone.Stream, src *net.TCPConn, c Counter) (int
 			return total, dst.CloseWrite()
 		}
 	}
+}
+
+// firstCounter forwards to c (which may be nil) and calls fn once, on the first non-empty Add.
+type firstCounter struct {
+	c     Counter
+	fired bool // one direction is one goroutine: no synchronisation needed
+	fn    func()
+}
+
+func (f *firstCounter) Add(n int64) int64 {
+	if n > 0 && !f.fired {
+		f.fired = true
+		f.fn()
+	}
+	if f.c == nil {
+		return 0
+	}
+	return f.c.Add(n)
 }
 
 func isTCP(c Conn) bool    { _, ok := c.(*net.TCPConn); return ok }

@@ -39,7 +39,7 @@ func TestTCPRelayHalfClose(t *testing.T) {
 	r := New(0)
 	var sent, recv atomic.Int64
 	done := make(chan Result, 1)
-	go func() { done <- r.Run(down, up, &sent, &recv) }()
+	go func() { done <- r.Run(down, up, &sent, &recv, nil) }()
 
 	payload := bytes.Repeat([]byte("0123456789"), 300000)
 	go func() {
@@ -71,7 +71,7 @@ func TestAbortOnReset(t *testing.T) {
 	up, server := tcpPair(t)
 	r := New(0)
 	done := make(chan Result, 1)
-	go func() { done <- r.Run(down, up, nil, nil) }()
+	go func() { done <- r.Run(down, up, nil, nil, nil) }()
 	// An abortive close of the server (RST) must tear down the client side too.
 	server.SetLinger(0)
 	server.Close()
@@ -121,7 +121,7 @@ func TestTCPToStreamHoldsNoBufferWhenIdle(t *testing.T) {
 	up, peer := streamPair(t)
 	r := New(0)
 	done := make(chan Result, 1)
-	go func() { done <- r.Run(down, up, nil, nil) }()
+	go func() { done <- r.Run(down, up, nil, nil, nil) }()
 
 	app.Write([]byte("first"))
 	buf := make([]byte, 5)
@@ -152,4 +152,44 @@ func TestTCPToStreamHoldsNoBufferWhenIdle(t *testing.T) {
 		t.Fatalf("finished flow holds %d buffers", n)
 	}
 	peer.Close()
+}
+
+// TestFirstRecv: the first-bytes hook fires once when the peer's bytes come back through an
+// HBONE stream, and never on a TCP-to-TCP splice, which is not observed byte by byte.
+func TestFirstRecv(t *testing.T) {
+	app, down := tcpPair(t)
+	up, peer := streamPair(t)
+	r := New(0)
+	var fired atomic.Int32
+	done := make(chan Result, 1)
+	go func() { done <- r.Run(down, up, nil, nil, func() { fired.Add(1) }) }()
+	peer.Write([]byte("one"))
+	buf := make([]byte, 3)
+	io.ReadFull(app, buf)
+	peer.Write([]byte("two"))
+	io.ReadFull(app, buf)
+	if n := fired.Load(); n != 1 {
+		t.Fatalf("hook fired %d times after two reads, want 1", n)
+	}
+	app.CloseWrite()
+	peer.CloseWrite()
+	io.ReadAll(app)
+	io.ReadAll(peer)
+	<-done
+	peer.Close()
+
+	client, down2 := tcpPair(t)
+	up2, server := tcpPair(t)
+	var spliced atomic.Int32
+	done2 := make(chan Result, 1)
+	go func() { done2 <- r.Run(down2, up2, nil, nil, func() { spliced.Add(1) }) }()
+	server.Write([]byte("x"))
+	server.CloseWrite()
+	io.ReadAll(client)
+	client.CloseWrite()
+	io.ReadAll(server)
+	<-done2
+	if n := spliced.Load(); n != 0 {
+		t.Fatalf("hook fired %d times on a splice", n)
+	}
 }

@@ -271,9 +271,6 @@ func (c *Conn) Err() error {
 func (c *Conn) LocalAddr() net.Addr  { return c.nc.LocalAddr() }
 func (c *Conn) RemoteAddr() net.Addr { return c.nc.RemoteAddr() }
 
-// NetConn returns the underlying connection (a *tls.Conn for mesh traffic).
-func (c *Conn) NetConn() net.Conn { return c.nc }
-
 // Close ends the connection at once: a GOAWAY is sent if possible and every stream fails.
 func (c *Conn) Close() error {
 	c.shutdown(nil, http2.ErrCodeNo)
