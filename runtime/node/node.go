@@ -115,6 +115,7 @@ type Node struct {
 	xds    *xds.Client       // nil with SourceLocal
 	// With SourceBoth the two sources write their own stores and merge publishes into store.
 	xdsStore, fileStore *snapshot.Store
+	mergeMu             sync.Mutex
 	signer              ca.Signer
 	istiod              *ca.Istiod
 	certs               *certs.Manager
@@ -361,6 +362,11 @@ func (n *Node) Start(ctx context.Context) error {
 			defer n.wg.Done()
 			select {
 			case <-n.xds.Ready():
+				if n.xdsStore != nil {
+					// SourceBoth: flows see the merged view, so readiness waits until that view
+					// holds istiod's first state (the watcher may not have merged it yet).
+					n.mergeSources()
+				}
 				n.ready.Done("state manager")
 			case <-n.ctx.Done():
 			}
@@ -856,6 +862,9 @@ func (n *Node) watchSources(chX, chF <-chan struct{}, cancel func()) {
 // mergeSources publishes istiod's view with the local config applied on top: a local
 // workload, service or policy replaces istiod's of the same key.
 func (n *Node) mergeSources() {
+	// Serialised: two merges interleaving could publish an older view after a newer one.
+	n.mergeMu.Lock()
+	defer n.mergeMu.Unlock()
 	base, over := n.xdsStore.Load(), n.fileStore.Load()
 	merged, errs := base.Apply(snapshot.Delta{Workloads: over.Workloads(), Services: over.Services(), Policies: over.Policies()})
 	for _, e := range errs {
