@@ -35,6 +35,11 @@ type Key struct {
 	Dst netip.AddrPort
 	// SrcIP is the local address the connection is bound to.
 	SrcIP netip.Addr
+	// Scope is where the connection's socket lives: "" for the node's own namespace, or the
+	// in-pod proxy that dials it from inside a pod's network namespace (ztunnel keeps one
+	// pool per pod; a recreated pod with the same IP must not inherit its predecessor's
+	// connections).
+	Scope string
 }
 
 // NewKey builds a Key, normalising the SAN list so the same set always yields the same key.
@@ -54,6 +59,9 @@ func (k Key) SANs() []string {
 }
 
 func (k Key) String() string {
+	if k.Scope != "" {
+		return fmt.Sprintf("%s -> %s [%s] from %s in %s", k.SrcIdentity, k.Dst, k.DstSANs, k.SrcIP, k.Scope)
+	}
 	return fmt.Sprintf("%s -> %s [%s] from %s", k.SrcIdentity, k.Dst, k.DstSANs, k.SrcIP)
 }
 
@@ -352,6 +360,30 @@ func (p *Pool) Streams() int {
 		}
 	}
 	return n
+}
+
+// CloseWhere closes the pooled connections whose key matches (the connections of a removed
+// pod) and returns how many. Their streams are reset; a dial in progress for a matching key
+// still completes, and its connection is pooled.
+func (p *Pool) CloseWhere(match func(Key) bool) int {
+	var victims []*hbone.Conn
+	p.mu.Lock()
+	for key, e := range p.entries {
+		if !match(key) {
+			continue
+		}
+		victims = append(victims, e.conns...)
+		p.metrics.conns.Sub(float64(len(e.conns)))
+		e.conns = nil
+		if e.dialing == nil {
+			delete(p.entries, key)
+		}
+	}
+	p.mu.Unlock()
+	for _, c := range victims {
+		c.Close()
+	}
+	return len(victims)
 }
 
 // Close closes every pooled connection and stops eviction.

@@ -297,3 +297,52 @@ func TestGetGivesUpOnFullNewConnections(t *testing.T) {
 		t.Fatalf("Get dialled %d times", n)
 	}
 }
+
+// CloseWhere closes the connections of one scope (a removed pod) and leaves the others.
+func TestCloseWhereScope(t *testing.T) {
+	dst := server(t)
+	var dials atomic.Int32
+	p := newPool(t, &dials, nil)
+	keyA := NewKey("src", []string{"dst"}, dst, netip.Addr{})
+	keyA.Scope = "pod-a"
+	keyB := keyA
+	keyB.Scope = "pod-b"
+	ca, err := p.Get(context.Background(), keyA)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ca.Unreserve()
+	cb, err := p.Get(context.Background(), keyB)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cb.Unreserve()
+	if ca == cb || dials.Load() != 2 {
+		t.Fatalf("scopes share a connection (dials %d)", dials.Load())
+	}
+	if n := p.CloseWhere(func(k Key) bool { return k.Scope == "pod-a" }); n != 1 {
+		t.Fatalf("closed %d, want 1", n)
+	}
+	select {
+	case <-ca.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("pod-a's connection still open")
+	}
+	select {
+	case <-cb.Done():
+		t.Fatal("pod-b's connection closed too")
+	default:
+	}
+	if p.Len() != 1 {
+		t.Fatalf("pool holds %d, want 1", p.Len())
+	}
+	// The next Get of the closed scope dials anew.
+	c, err := p.Get(context.Background(), keyA)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Unreserve()
+	if c == ca || dials.Load() != 3 {
+		t.Fatalf("closed connection reused (dials %d)", dials.Load())
+	}
+}

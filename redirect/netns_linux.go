@@ -134,3 +134,18 @@ func (n Netns) enterRun(fd int, fn func() error) (restored bool, err error) {
 	}
 	return true, fnErr
 }
+
+// Dup returns an independent handle to the same namespace, with its own fd: the caller
+// closes it on its own schedule, whatever happens to n.
+func (n Netns) Dup() (Netns, error) {
+	var out Netns
+	err := n.withFd(func(fd int) error {
+		nfd, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 0)
+		if err != nil {
+			return fmt.Errorf("dup %s: %w", n.h.id, err)
+		}
+		out = Netns{h: &nsHandle{f: os.NewFile(uintptr(nfd), n.h.source), id: n.h.id, source: n.h.source}}
+		return nil
+	})
+	return out, err
+}

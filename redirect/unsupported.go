@@ -70,3 +70,6 @@ func (f *SocketFactory) Dial(ctx context.Context, dst netip.AddrPort) (*net.TCPC
 func (f *SocketFactory) DialTransparent(ctx context.Context, src netip.Addr, dst netip.AddrPort) (*net.TCPConn, error) {
 	return nil, ErrUnsupported
 }
+
+// Dup is only supported on Linux.
+func (n Netns) Dup() (Netns, error) { return Netns{}, ErrUnsupported }

@@ -67,6 +67,9 @@ type Handlers struct {
 	HandshakeTimeout time.Duration
 	// LogAuthzInfo logs authorization decisions at info (ztunnel's AUTHZ_POLICY_INFO_LOGGING).
 	LogAuthzInfo bool
+	// SOCKS5 says the SOCKS5 listener is enabled: its port is then one of ztgo's own ports,
+	// which captured connections may not target.
+	SOCKS5 bool
 }
 
 // Stages returns the stage configuration for NewPipeline with the given worker counts.
@@ -89,14 +92,21 @@ func (h *Handlers) Stages(workers, mailbox int) map[ID]StageConfig {
 }
 
 // capture learns the original destination and the source workload. Outbound flows enter
-// through SOCKS5; inbound HBONE flows were captured by the HBONE server already.
+// through SOCKS5 or a pod's 15001 listener, inbound plaintext through a pod's 15006; inbound
+// HBONE flows were captured by the HBONE server already.
 func (h *Handlers) capture(ctx context.Context, f *Flow) Verdict {
-	if f.Dir != Outbound {
+	if f.Dir == Inbound {
 		return Next
 	}
 	nc, ok := f.Down.(net.Conn)
 	if !ok {
-		return f.Fail(FailBadRequest, errors.New("outbound flow without a connection"))
+		return f.Fail(FailBadRequest, errors.New("captured flow without a connection"))
+	}
+	if f.Pod != nil {
+		return h.captureInPod(ctx, f, nc)
+	}
+	if f.Dir != Outbound {
+		return f.Fail(FailBadRequest, fmt.Errorf("%s flow without a pod", f.Dir))
 	}
 	nc.SetDeadline(time.Now().Add(h.HandshakeTimeout))
 	target, err := capture.Handshake(nc)
@@ -119,6 +129,46 @@ func (h *Handlers) capture(ctx context.Context, f *Flow) Verdict {
 	} else {
 		f.Dst = target.Addr
 	}
+	if f.Dst.Addr().IsLoopback() && identity.IsProxyPort(f.Dst.Port(), h.SOCKS5) {
+		return f.Fail(FailDeny, fmt.Errorf("%w: %s", identity.ErrSelfCall, f.Dst))
+	}
+	return Next
+}
+
+// captureInPod handles a connection a pod's capture rules redirected to ztgo: its original
+// destination comes from the socket, and the pod (not the source address) names the workload
+// on ztgo's side of the flow, as ztunnel's in-pod proxies do.
+func (h *Handlers) captureInPod(ctx context.Context, f *Flow, nc net.Conn) Verdict {
+	tc, ok := nc.(*net.TCPConn)
+	if !ok {
+		return f.Fail(FailBadRequest, fmt.Errorf("captured flow on %T, want TCP", nc))
+	}
+	dst, err := f.Pod.OriginalDst(tc)
+	if err != nil {
+		return f.Fail(FailBadRequest, fmt.Errorf("original destination: %w", err))
+	}
+	f.Dst = dst
+	// A call to ztgo's own ports would loop: outbound only matters on loopback (other
+	// addresses are real destinations); inbound plaintext to any of them (pod:15006 would
+	// redirect to itself forever).
+	if identity.IsProxyPort(dst.Port(), h.SOCKS5) && (f.Dir != Outbound || dst.Addr().IsLoopback()) {
+		return f.Fail(FailDeny, fmt.Errorf("%w: %s", identity.ErrSelfCall, dst))
+	}
+	w, snap, err := f.Pod.Workload(ctx, f.Snap)
+	if err != nil {
+		return f.Fail(FailIdentity, err)
+	}
+	f.Snap = snap
+	if f.Dir == Outbound {
+		f.SrcWorkload = w
+		f.SrcIdentity = w.Identity()
+		return Next
+	}
+	// Inbound plaintext: the client has no identity; its workload, if the mesh knows its
+	// address, only labels metrics and logs.
+	f.DstWorkload = w
+	f.DstIdentity = w.Identity()
+	f.SrcWorkload = snap.WorkloadByAddr(h.Network, f.Src.Addr())
 	return Next
 }
 
@@ -163,6 +213,11 @@ func (h *Handlers) identity(ctx context.Context, f *Flow) Verdict {
 			f.ReplaceRest(Upstream)
 		}
 		f.UpAddr = route.Dial
+		return Next
+	}
+	if f.Dir == InboundPlain {
+		// The pod's workload was found at capture; the app is where the client connected.
+		f.UpAddr = f.Dst
 		return Next
 	}
 	target, rej := identity.InboundOn(f.Snap, h.Network, f.Local.Addr(), f.DownStream.Request().Authority)
@@ -224,6 +279,9 @@ func (h *Handlers) hbone(ctx context.Context, f *Flow) Verdict {
 	dctx, cancel := context.WithTimeout(ctx, 20*time.Second)
 	defer cancel()
 	key := connpool.NewKey(f.SrcIdentity.String(), f.Route.ExpectedSANs, f.Route.Dial, f.Src.Addr())
+	if f.Pod != nil {
+		key.Scope = f.Pod.Scope()
+	}
 	conn, err := h.Pool.Get(dctx, key)
 	if err != nil {
 		return f.Fail(Classify(err), fmt.Errorf("hbone connection to %s: %w", f.Route.Dial, err))
@@ -262,10 +320,21 @@ func (h *Handlers) upstream(ctx context.Context, f *Flow) Verdict {
 	}
 	dst := f.UpAddr
 	src := f.Src.Addr()
-	if f.Dir == Inbound && src == dst.Addr() {
+	if f.Dir != Outbound && src == dst.Addr() {
 		src = netip.Addr{} // ztunnel does not spoof a source equal to the destination
 	}
-	c, _, err := h.Dialer.Dial(ctx, src, dst, true)
+	var c *net.TCPConn
+	var err error
+	switch {
+	case f.Pod != nil && f.Dir != Outbound:
+		// Inside the destination pod, keeping the client's address.
+		c, err = f.Pod.DialTransparent(ctx, src, dst)
+	case f.Pod != nil:
+		// Inside the source pod, marked so its capture rules let it out.
+		c, err = f.Pod.Dial(ctx, dst)
+	default:
+		c, _, err = h.Dialer.Dial(ctx, src, dst, true)
+	}
 	if err != nil {
 		if f.DownStream != nil {
 			f.DownStream.Respond(503, nil)

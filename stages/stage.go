@@ -35,6 +35,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/netip"
 	"sync"
 	"sync/atomic"
@@ -119,6 +120,25 @@ var stageNames = [numStages]string{"capture", "identity", "authz", "hbone", "ups
 
 func (id ID) String() string { return stageNames[id] }
 
+// Pod is the in-pod proxy a captured flow entered through: the pod whose network namespace
+// holds the listener. It names the flow's local workload and opens the flow's upstream sockets
+// inside that namespace, so the pod's capture rules see them as ztgo's own (marked).
+type Pod interface {
+	// Workload returns the pod's workload and the snapshot it was found in. As ztunnel, it
+	// waits a short while (5 s) for a pod that the control plane has not announced yet.
+	Workload(ctx context.Context, snap *snapshot.Snapshot) (*snapshot.Workload, *snapshot.Snapshot, error)
+	// Dial connects to dst from inside the pod; the kernel picks the source address.
+	Dial(ctx context.Context, dst netip.AddrPort) (*net.TCPConn, error)
+	// DialTransparent connects to dst from inside the pod with src as the source address
+	// (inbound delivery keeps the client's address).
+	DialTransparent(ctx context.Context, src netip.Addr, dst netip.AddrPort) (*net.TCPConn, error)
+	// OriginalDst is where a captured connection was headed before the redirect.
+	OriginalDst(c *net.TCPConn) (netip.AddrPort, error)
+	// Scope names the pod's proxy in pooled connection keys (connpool.Key.Scope): HBONE
+	// connections of the pod are dialled inside its namespace and shared with no other pod.
+	Scope() string
+}
+
 // HalfCloser is a byte stream whose write side can be closed on its own (TCP, HBONE stream).
 type HalfCloser interface {
 	io.ReadWriteCloser
@@ -155,6 +175,10 @@ type Flow struct {
 	DownStream *hbone.Stream
 	// Up is the server side, set by the last stage.
 	Up HalfCloser
+	// Pod is set for flows captured in a pod's network namespace (15001, 15006, 15008 there);
+	// nil for flows that entered through SOCKS5 or a node-namespace listener.
+	Pod Pod
+
 	// UpAddr is the address Up is connected to; HBONEAddr the CONNECT target, if any.
 	UpAddr    netip.AddrPort
 	HBONEAddr netip.AddrPort

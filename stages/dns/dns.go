@@ -91,8 +91,10 @@ type Server struct {
 	tcp   net.Listener
 	udp   *net.UDPConn
 	conns map[net.Conn]struct{}
-	done  bool
-	wg    sync.WaitGroup
+	// served are the listeners handed to Serve, closed by Stop too.
+	served map[io.Closer]struct{}
+	done   bool
+	wg     sync.WaitGroup
 }
 
 type metrics struct {
@@ -136,9 +138,6 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 
 // New validates cfg; nothing listens until Start.
 func New(cfg Config) (*Server, error) {
-	if cfg.Addr == "" {
-		return nil, errors.New("dns: no listen address")
-	}
 	if cfg.Snapshot == nil {
 		return nil, errors.New("dns: no snapshot source")
 	}
@@ -158,7 +157,7 @@ func New(cfg Config) (*Server, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
-	s := &Server{cfg: cfg, log: cfg.Logger, sem: make(chan struct{}, cfg.Workers), conns: map[net.Conn]struct{}{}}
+	s := &Server{cfg: cfg, log: cfg.Logger, sem: make(chan struct{}, cfg.Workers), conns: map[net.Conn]struct{}{}, served: map[io.Closer]struct{}{}}
 	ups := cfg.Upstreams
 	if ups == nil {
 		var err error
@@ -215,6 +214,9 @@ func ReadResolvConf(path string) ([]string, error) {
 
 // Start listens on Addr (TCP and UDP) and serves until Stop.
 func (s *Server) Start() error {
+	if s.cfg.Addr == "" {
+		return errors.New("dns: no listen address")
+	}
 	tcp, err := net.Listen("tcp", s.cfg.Addr)
 	if err != nil {
 		return fmt.Errorf("dns: listen tcp %s: %w", s.cfg.Addr, err)
@@ -239,8 +241,8 @@ func (s *Server) Start() error {
 	s.tcp, s.udp = tcp, udp
 	s.wg.Add(2)
 	s.mu.Unlock()
-	go s.serveTCP(tcp)
-	go s.serveUDP(udp)
+	go s.serveTCP(tcp, netip.Addr{})
+	go s.serveUDP(udp, netip.Addr{})
 	s.log.Info("dns proxy listening", "addr", tcp.Addr().String(), "upstreams", s.upstreams)
 	return nil
 }
@@ -268,11 +270,56 @@ func (s *Server) Stop() {
 	for c := range s.conns {
 		c.Close()
 	}
+	for c := range s.served {
+		c.Close()
+	}
 	s.mu.Unlock()
 	s.wg.Wait()
 }
 
-func (s *Server) serveUDP(pc *net.UDPConn) {
+// Serve answers queries on listeners opened elsewhere (inside a pod's network namespace) until
+// the returned stop is called or the server stops. A valid client is the address every query
+// is answered for, whatever its source address (the pod's own workload, as ztunnel's per-pod
+// DNS servers do); otherwise the source address names the client. stop closes the listeners
+// and waits for their loops; queries in flight finish on their own.
+func (s *Server) Serve(tcp []*net.TCPListener, udp []*net.UDPConn, client netip.Addr) (stop func(), err error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.done {
+		return nil, errors.New("dns: server stopped")
+	}
+	var loops sync.WaitGroup
+	for _, ln := range tcp {
+		s.served[ln] = struct{}{}
+		s.wg.Add(1)
+		loops.Add(1)
+		go func() { defer loops.Done(); s.serveTCP(ln, client) }()
+	}
+	for _, pc := range udp {
+		s.served[pc] = struct{}{}
+		s.wg.Add(1)
+		loops.Add(1)
+		go func() { defer loops.Done(); s.serveUDP(pc, client) }()
+	}
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			s.mu.Lock()
+			for _, ln := range tcp {
+				ln.Close()
+				delete(s.served, ln)
+			}
+			for _, pc := range udp {
+				pc.Close()
+				delete(s.served, pc)
+			}
+			s.mu.Unlock()
+			loops.Wait()
+		})
+	}, nil
+}
+
+func (s *Server) serveUDP(pc *net.UDPConn, client netip.Addr) {
 	defer s.wg.Done()
 	buf := make([]byte, 65535)
 	for {
@@ -293,14 +340,18 @@ func (s *Server) serveUDP(pc *net.UDPConn) {
 		go func() {
 			defer s.wg.Done()
 			defer func() { <-s.sem }()
-			if resp := s.Handle(req, src.Addr(), "udp"); resp != nil {
+			from := src.Addr().Unmap()
+			if client.IsValid() {
+				from = client
+			}
+			if resp := s.Handle(req, from, "udp"); resp != nil {
 				pc.WriteToUDPAddrPort(resp, src)
 			}
 		}()
 	}
 }
 
-func (s *Server) serveTCP(ln net.Listener) {
+func (s *Server) serveTCP(ln net.Listener, client netip.Addr) {
 	defer s.wg.Done()
 	for {
 		c, err := ln.Accept()
@@ -329,7 +380,7 @@ func (s *Server) serveTCP(ln net.Listener) {
 		go func() {
 			defer s.wg.Done()
 			defer func() { <-s.sem }()
-			s.serveConn(c)
+			s.serveConn(c, client)
 			s.mu.Lock()
 			delete(s.conns, c)
 			s.mu.Unlock()
@@ -340,9 +391,9 @@ func (s *Server) serveTCP(ln net.Listener) {
 
 // serveConn answers length-framed requests on c one after the other until the client
 // closes, a read takes longer than TCPRequestTimeout, or a frame is malformed.
-func (s *Server) serveConn(c net.Conn) {
-	var src netip.Addr
-	if ta, ok := c.RemoteAddr().(*net.TCPAddr); ok {
+func (s *Server) serveConn(c net.Conn, client netip.Addr) {
+	src := client
+	if ta, ok := c.RemoteAddr().(*net.TCPAddr); ok && !src.IsValid() {
 		src = ta.AddrPort().Addr().Unmap()
 	}
 	var lenBuf [2]byte

@@ -442,3 +442,67 @@ func TestTCPStop(t *testing.T) {
 		t.Fatal("connection still open after Stop")
 	}
 }
+
+// TestServeListeners: listeners opened elsewhere (a pod's namespace) are served with the
+// pod's address as the client, whatever the query's source; stop closes only them, and
+// Stop closes what is still served.
+func TestServeListeners(t *testing.T) {
+	s := testSnapshot(t)
+	srv, err := New(Config{Snapshot: func() *snapshot.Snapshot { return s }, Upstreams: []string{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := srv.Start(); err == nil {
+		t.Fatal("Start without an address succeeded")
+	}
+	listen := func(ip string) (*net.TCPListener, *net.UDPConn) {
+		ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.ParseIP(ip)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		pc, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.ParseIP(ip), Port: ln.Addr().(*net.TCPAddr).Port})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ln, pc
+	}
+	ln1, pc1 := listen("127.81.0.3")
+	ln2, pc2 := listen("127.81.0.4")
+	stop1, err := srv.Serve([]*net.TCPListener{ln1}, []*net.UDPConn{pc1}, clientIP)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := srv.Serve([]*net.TCPListener{ln2}, []*net.UDPConn{pc2}, netip.Addr{}); err != nil {
+		t.Fatal(err)
+	}
+	// The query comes from 127.81.0.9, not a workload: only the pod override makes it known.
+	stranger := netip.MustParseAddr("127.81.0.9")
+	for _, proto := range []string{"udp", "tcp"} {
+		m := exchangeWith(t, proto, ln1.Addr().String(), stranger, query(t, 7, "echo.", dnsmessage.TypeA))
+		if m.RCode != dnsmessage.RCodeSuccess || !slices.Equal(records(t, m), []string{"10.0.0.1", "10.0.0.2"}) {
+			t.Errorf("%s: pod listener answer %+v", proto, m)
+		}
+		m = exchangeWith(t, proto, ln2.Addr().String(), stranger, query(t, 8, "echo.", dnsmessage.TypeA))
+		if m.RCode != dnsmessage.RCodeServerFailure {
+			t.Errorf("%s: unknown source answered %v, want SERVFAIL", proto, m.RCode)
+		}
+	}
+	stop1()
+	if _, err := net.DialTimeout("tcp", ln1.Addr().String(), time.Second); err == nil {
+		t.Error("stopped listener still accepts")
+	}
+	m := exchangeWith(t, "tcp", ln2.Addr().String(), clientIP, query(t, 9, "echo.", dnsmessage.TypeA))
+	if m.RCode != dnsmessage.RCodeSuccess {
+		t.Errorf("other listener broken by stop: %v", m.RCode)
+	}
+	done := make(chan struct{})
+	go func() { srv.Stop(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("Stop hangs on served listeners")
+	}
+	if _, err := srv.Serve(nil, nil, netip.Addr{}); err == nil {
+		t.Error("Serve after Stop succeeded")
+	}
+}

@@ -19,6 +19,23 @@ const (
 	portInboundHBONE     = snapshot.DefaultHBONEPort
 )
 
+// PortSOCKS5 is ztgo's SOCKS5 entry port (ztunnel's 15080), illegal as a target when the
+// SOCKS5 listener is enabled.
+const PortSOCKS5 = 15080
+
+// IsProxyPort reports whether port is one of the proxy's own ports, which no captured
+// connection may target (ztunnel's illegal_ports: 15001, 15006, 15008, and 15080 when SOCKS5
+// is enabled). Such a call would loop through capture or stack tunnels.
+func IsProxyPort(port uint16, socks5 bool) bool {
+	switch port {
+	case portOutbound, portInboundPlaintext, portInboundHBONE:
+		return true
+	case PortSOCKS5:
+		return socks5
+	}
+	return false
+}
+
 // InboundTarget is where an accepted HBONE CONNECT is delivered.
 type InboundTarget struct {
 	// Workload is the local workload the connection was made to.
