@@ -20,6 +20,8 @@ import (
 
 	"github.com/ztgo/ztgo/control/snapshot"
 	"github.com/ztgo/ztgo/control/xds"
+	"github.com/ztgo/ztgo/redirect"
+	"github.com/ztgo/ztgo/redirect/zds"
 	"github.com/ztgo/ztgo/runtime/buildinfo"
 	"github.com/ztgo/ztgo/runtime/node"
 	"github.com/ztgo/ztgo/tls/ca"
@@ -40,14 +42,16 @@ func run(args []string, stdout, stderr io.Writer) int {
 	switch cmd {
 	case "run", "proxy":
 		return runNode(args, stderr)
+	case "node-agent":
+		return runNodeAgent(args, stderr)
 	case "version":
 		fmt.Fprintln(stdout, buildinfo.String())
 		return 0
 	case "help":
-		fmt.Fprintln(stdout, "usage: ztgo [run|version|help] [flags]; ztgo run -h lists the flags")
+		fmt.Fprintln(stdout, "usage: ztgo [run|node-agent|version|help] [flags]; ztgo run -h lists the flags")
 		return 0
 	default:
-		fmt.Fprintf(stderr, "ztgo: unknown command %q (want run, version or help)\n", cmd)
+		fmt.Fprintf(stderr, "ztgo: unknown command %q (want run, node-agent, version or help)\n", cmd)
 		return 2
 	}
 }
@@ -110,6 +114,15 @@ func istiodDefault() string {
 	return "https://localhost:15012"
 }
 
+// inpodDefault is ztunnel's: in-pod capture over ZDS at the default socket inside Kubernetes
+// (INPOD_ENABLED, default true), off elsewhere.
+func inpodDefault() string {
+	if os.Getenv("KUBERNETES_SERVICE_HOST") != "" && envBool("INPOD_ENABLED", true) {
+		return zds.DefaultSocketPath
+	}
+	return ""
+}
+
 // token maps AUTH_TOKEN as ztunnel does: a path to an existing file, else a literal token; by
 // default the projected service account token, if present.
 func token() (file, literal string) {
@@ -140,7 +153,9 @@ func runNode(args []string, stderr io.Writer) int {
 		caDir       = fs.String("ca-dir", env("ZTGO_CA_DIR", ""), "built-in CA directory in Istio's plug-in layout (ca-cert.pem, ca-key.pem, root-cert.pem, cert-chain.pem), created if absent; empty: an in-memory CA")
 		trustDomain = fs.String("trust-domain", env("TRUST_DOMAIN", "cluster.local"), "trust domain of the in-memory CA (env TRUST_DOMAIN)")
 		_           = fs.String("cluster-domain", env("CLUSTER_DOMAIN", "cluster.local"), "cluster DNS domain (env CLUSTER_DOMAIN)")
-		socks5      = fs.String("socks5", env("ZTGO_SOCKS5_ADDR", "127.0.0.1:15080"), "SOCKS5 outbound entry address, as ztunnel's 15080; empty disables")
+		socks5      = fs.String("socks5", env("ZTGO_SOCKS5_ADDR", "127.0.0.1:15080"), "SOCKS5 outbound entry address, as ztunnel's 15080; empty disables (off by default with in-pod capture)")
+		inpodUDS    = fs.String("inpod-uds", env("INPOD_UDS", inpodDefault()), "in-pod capture: the ZDS socket of istio-cni's node agent or `ztgo node-agent` (env INPOD_UDS; default "+zds.DefaultSocketPath+" inside Kubernetes)")
+		podsDir     = fs.String("pods-dir", env("ZTGO_PODS_DIR", ""), "in-pod capture without istio-cni: watch this directory for pod files, install the capture rules in each pod's network namespace and proxy it (env ZTGO_PODS_DIR)")
 		dnsAddr     = fs.String("dns", env("ZTGO_DNS_ADDR", ""), "DNS proxy address (UDP and TCP) answering mesh service names for local workloads, as ztunnel's 15053; empty disables")
 		adminAddr   = fs.String("admin", env("ZTGO_ADMIN_ADDR", "localhost:15000"), "admin address (config_dump, flows, logging, pprof); empty disables")
 		metrics     = fs.String("metrics", env("ZTGO_METRICS_ADDR", "[::]:15020"), "Prometheus metrics address; empty disables")
@@ -176,6 +191,24 @@ func runNode(args []string, stderr io.Writer) int {
 		return 2
 	}
 	log := slog.New(h)
+	setFlags := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { setFlags[f.Name] = true })
+	inPod := *inpodUDS != "" || *podsDir != ""
+	if inPod && *inpodUDS != "" && *podsDir != "" {
+		if setFlags["pods-dir"] && !setFlags["inpod-uds"] && os.Getenv("INPOD_UDS") == "" {
+			*inpodUDS = "" // the pods directory replaces the in-cluster ZDS default
+		} else {
+			fmt.Fprintln(stderr, "ztgo: --inpod-uds and --pods-dir exclude each other")
+			return 2
+		}
+	}
+	if inPod && !setFlags["socks5"] && os.Getenv("ZTGO_SOCKS5_ADDR") == "" {
+		*socks5 = "" // ztunnel enables SOCKS5 only on request; loopback mode needs it
+	}
+	inPodMark := uint32(redirect.PacketMark)
+	if *mark != 0 {
+		inPodMark = uint32(*mark)
+	}
 	if *maxStreams <= 0 {
 		fmt.Fprintln(stderr, "ztgo: --pool-max-streams must be positive")
 		return 2
@@ -217,6 +250,7 @@ func runNode(args []string, stderr io.Writer) int {
 		ConfigPath: *cfgPath, ConfigInline: os.Getenv("LOCAL_XDS"), DefaultConfig: defaultConfig,
 		CADir: *caDir, TrustDomain: *trustDomain, CertTTL: *certTTL,
 		SOCKS5Addr: *socks5, DNSAddr: *dnsAddr, AdminAddr: *adminAddr, MetricsAddr: *metrics, ReadinessAddr: *readiness,
+		InPodUDS: *inpodUDS, PodsDir: *podsDir, InPodMark: inPodMark,
 		PoolMaxStreams: uint32(*maxStreams), PoolIdleTimeout: *poolIdle, Mark: *mark, Transparent: *origSrc,
 		Workers: *workers, DrainTimeout: *drain, LogAuthzInfo: *authzInfo,
 		DebugSnapshot: snapshot.DebugFromEnv(os.Getenv),

@@ -78,6 +78,7 @@ type dumpPoolConn struct {
 	Dst     string `json:"dst"`
 	SANs    string `json:"expectedSans"`
 	SrcIP   string `json:"srcIp"`
+	Scope   string `json:"scope,omitempty"`
 	Local   string `json:"local"`
 	Streams int    `json:"activeStreams"`
 }
@@ -154,9 +155,9 @@ func (n *Node) configDump() any {
 	var pool []dumpPoolConn
 	for _, st := range n.pool.Snapshot() {
 		pool = append(pool, dumpPoolConn{Source: st.Key.SrcIdentity, Dst: st.Key.Dst.String(), SANs: st.Key.DstSANs,
-			SrcIP: st.Key.SrcIP.String(), Local: st.Local, Streams: st.Active})
+			SrcIP: st.Key.SrcIP.String(), Scope: st.Key.Scope, Local: st.Local, Streams: st.Active})
 	}
-	return map[string]any{
+	out := map[string]any{
 		"version":         buildinfo.Version,
 		"node":            n.cfg.Name,
 		"snapshotVersion": s.Version(),
@@ -168,6 +169,38 @@ func (n *Node) configDump() any {
 		"certificates":    certsOut,
 		"pool":            pool,
 	}
+	if n.cfg.InPod() {
+		out["workloadState"] = n.podStates()
+	}
+	return out
+}
+
+// dumpPod is one in-pod proxy, as ztunnel's config dump lists its workload state by pod uid.
+type dumpPod struct {
+	State string            `json:"state"`
+	Info  map[string]string `json:"info"`
+	Netns string            `json:"netns"`
+	Since string            `json:"since"`
+	// Workload is the mesh workload the pod's flows are attributed to ("" until known).
+	Workload string `json:"workload"`
+}
+
+func (n *Node) podStates() map[string]dumpPod {
+	snap := n.store.Load()
+	n.podMu.Lock()
+	defer n.podMu.Unlock()
+	out := make(map[string]dumpPod, len(n.pods))
+	for uid, p := range n.pods {
+		d := dumpPod{
+			State: "Up", Netns: p.ns.ID().String(), Since: p.added.UTC().Format(time.RFC3339),
+			Info: map[string]string{"name": p.info.Name, "namespace": p.info.Namespace, "serviceAccount": p.info.ServiceAccount},
+		}
+		if w := p.lookup(snap); w != nil {
+			d.Workload = w.UID
+		}
+		out[uid] = d
+	}
+	return out
 }
 
 func pemEntries(p string) []dumpCertChain {

@@ -29,6 +29,9 @@ import (
 	"github.com/ztgo/ztgo/control/localfile"
 	"github.com/ztgo/ztgo/control/snapshot"
 	"github.com/ztgo/ztgo/control/xds"
+	"github.com/ztgo/ztgo/redirect"
+	"github.com/ztgo/ztgo/redirect/agent"
+	"github.com/ztgo/ztgo/redirect/zds"
 	"github.com/ztgo/ztgo/runtime/admin"
 	"github.com/ztgo/ztgo/runtime/buildinfo"
 	"github.com/ztgo/ztgo/runtime/relay"
@@ -79,6 +82,18 @@ type Config struct {
 	// HBONEPort is where inbound HBONE listens on each local workload address (15008).
 	HBONEPort uint16
 
+	// In-pod capture. With InPodUDS (ztunnel's INPOD_UDS) the node takes pods from a ZDS
+	// node agent (istio-cni, or `ztgo node-agent`); with PodsDir it runs the node agent
+	// itself: it watches the directory for pod files, installs the capture rules in each
+	// pod's network namespace and starts the pod's proxy. Either one replaces the loopback
+	// listeners on workload addresses; the SOCKS5 listener stays as configured.
+	InPodUDS string
+	PodsDir  string
+	// PodPollInterval is how often PodsDir is scanned (0: the agent's default).
+	PodPollInterval time.Duration
+	// InPodMark is SO_MARK on every socket opened in a pod (PACKET_MARK; default 1337).
+	InPodMark uint32
+
 	PoolMaxStreams  uint32
 	PoolIdleTimeout time.Duration
 	Mark            int
@@ -128,7 +143,9 @@ type Node struct {
 	tel                 *telemetry.Telemetry
 	admin               *admin.Server
 	ready               *admin.Readiness
-	dns                 *dns.Server // nil without DNSAddr
+	dns                 *dns.Server  // nil without DNSAddr and in-pod capture
+	zds                 *zds.Client  // nil unless InPodUDS
+	agent               *agent.Agent // nil unless PodsDir
 
 	serverTLS *tls.Config
 	handshake chan struct{} // bounds concurrent inbound TLS handshakes
@@ -144,10 +161,19 @@ type Node struct {
 	stopping    bool // set once by Stop: no listener opens and no relay starts after it
 	socksLn     net.Listener
 	inbound     map[netip.Addr]net.Listener
-	serverConns map[*hbone.Conn]struct{}
+	serverConns map[*hbone.Conn]*pod // the pod whose 15008 accepted it; nil in loopback mode
 	flows       *xsync.MapOf[uint64, *stages.Flow]
 	relays      sync.WaitGroup
+
+	// In-pod proxies by pod uid and by pool scope.
+	podMu      sync.Mutex
+	pods       map[string]*pod
+	podScopes  map[string]*pod
+	podsActive prometheus.Gauge
 }
+
+// InPod reports whether the node captures traffic inside pod network namespaces.
+func (c Config) InPod() bool { return c.InPodUDS != "" || c.PodsDir != "" }
 
 // New validates cfg and builds the node's parts; nothing listens until Start.
 func New(cfg Config) (*Node, error) {
@@ -182,11 +208,20 @@ func New(cfg Config) (*Node, error) {
 		prefetch:    make(chan struct{}, 1),
 		quit:        make(chan struct{}),
 		inbound:     map[netip.Addr]net.Listener{},
-		serverConns: map[*hbone.Conn]struct{}{},
+		serverConns: map[*hbone.Conn]*pod{},
+		pods:        map[string]*pod{},
+		podScopes:   map[string]*pod{},
 		flows:       xsync.NewMapOf[uint64, *stages.Flow](),
 		relay:       relay.New(0),
-		ready:       admin.NewReadiness("state manager", "certificates", "proxy"),
 	}
+	tasks := []string{"state manager", "certificates", "proxy"}
+	if cfg.InPodUDS != "" && cfg.PodsDir != "" {
+		return nil, errors.New("in-pod capture: set either a ZDS socket or a pods directory, not both")
+	}
+	if cfg.InPod() {
+		tasks = append(tasks, "workload proxy manager")
+	}
+	n.ready = admin.NewReadiness(tasks...)
 	n.store.VerifyImmutable = cfg.DebugSnapshot
 	n.store.Logger = cfg.Logger
 	reg := cfg.Registry
@@ -283,13 +318,34 @@ func New(cfg Config) (*Node, error) {
 	if err != nil {
 		return nil, err
 	}
-	if cfg.DNSAddr != "" {
+	n.podsActive = prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "ztgo_inpod_proxies", Help: "In-pod proxies running (pods whose traffic this node captures).",
+	})
+	reg.MustRegister(n.podsActive)
+	if cfg.DNSAddr != "" || cfg.InPod() {
 		n.dns, err = dns.New(dns.Config{
 			Addr: cfg.DNSAddr, Snapshot: n.store.Load, Network: cfg.Network, Upstreams: cfg.DNSUpstreams,
 			Workers: cfg.Workers, Logger: cfg.Logger.With("scope", "dns"), Registerer: reg,
 		})
 		if err != nil {
 			return nil, err
+		}
+	}
+	if cfg.InPodUDS != "" {
+		zc, err := zds.New(zds.Config{SocketPath: cfg.InPodUDS}, zdsHandler{n}, cfg.Logger.With("scope", "zds"), reg)
+		if err != nil {
+			return nil, err
+		}
+		n.zds = zc
+	}
+	if cfg.PodsDir != "" {
+		n.agent, err = agent.New(agent.Config{
+			Dir: cfg.PodsDir, PollInterval: cfg.PodPollInterval,
+			Rules:  redirect.RuleConfig{Mark: cfg.InPodMark, DisableDNS: false},
+			Logger: cfg.Logger.With("scope", "agent"), Registerer: reg,
+		}, n)
+		if err != nil {
+			return nil, fmt.Errorf("node agent: %w", err)
 		}
 	}
 	n.serverTLS = n.certs.ServerConfig(n.serverIdentity)
@@ -405,7 +461,7 @@ func (n *Node) Start(ctx context.Context) error {
 		n.wg.Add(1)
 		go n.acceptSOCKS(ln)
 	}
-	if n.dns != nil {
+	if n.dns != nil && n.cfg.DNSAddr != "" {
 		if err := n.dns.Start(); err != nil {
 			return err
 		}
@@ -417,6 +473,9 @@ func (n *Node) Start(ctx context.Context) error {
 	go n.watchSnapshots(snapCh, snapCancel)
 	n.wg.Add(1)
 	go n.prefetchLoop()
+	if err := n.startPodSource(); err != nil {
+		return err
+	}
 	n.ready.Done("proxy")
 	n.log.Info("ztgo node started", "node", n.cfg.Name, "version", buildinfo.Version,
 		"socks5", n.SOCKS5Addr(), "admin", n.admin.Addr("admin"), "metrics", n.admin.Addr("metrics"),
@@ -456,6 +515,9 @@ func (n *Node) watchSnapshots(ch <-chan struct{}, cancel func()) {
 // reconcileInbound opens a listener on <ip>:15008 for every local HBONE workload address and
 // closes the listeners of addresses that are gone.
 func (n *Node) reconcileInbound() {
+	if n.cfg.InPod() {
+		return // each pod's proxy listens inside the pod
+	}
 	want := map[netip.Addr]bool{}
 	for _, w := range n.localWorkloads(n.store.Load()) {
 		for _, a := range w.Addresses {
@@ -553,7 +615,19 @@ func (n *Node) dialHBONE(ctx context.Context, key connpool.Key) (*hbone.Conn, er
 	if err != nil {
 		return nil, &stages.Error{Kind: stages.FailIdentity, Err: fmt.Errorf("client certificate for %s: %w", src, err)}
 	}
-	nc, _, err := n.dialer.Dial(ctx, key.SrcIP, key.Dst, true)
+	var nc net.Conn
+	if key.Scope != "" {
+		// An in-pod proxy's connection: dialled inside the pod, from the pod's address.
+		n.podMu.Lock()
+		p := n.podScopes[key.Scope]
+		n.podMu.Unlock()
+		if p == nil {
+			return nil, &stages.Error{Kind: stages.FailConnect, Err: fmt.Errorf("%s is gone", key.Scope)}
+		}
+		nc, err = p.Dial(ctx, key.Dst)
+	} else {
+		nc, _, err = n.dialer.Dial(ctx, key.SrcIP, key.Dst, true)
+	}
 	if err != nil {
 		kind := stages.FailConnect
 		if errors.Is(err, upstream.ErrTimeout) {
@@ -622,14 +696,15 @@ func (n *Node) acceptInbound(ln net.Listener) {
 		go func() {
 			defer n.wg.Done()
 			defer func() { <-n.handshake }()
-			n.serveInbound(c)
+			n.serveInbound(c, nil)
 		}()
 	}
 }
 
 // serveInbound completes the mTLS handshake and the HTTP/2 preface of one inbound connection;
-// its streams then arrive on the connection's read loop.
-func (n *Node) serveInbound(nc net.Conn) {
+// its streams then arrive on the connection's read loop. p is the pod whose 15008 accepted
+// it, nil for the node's own listeners.
+func (n *Node) serveInbound(nc net.Conn, p *pod) {
 	tc := tls.Server(nc, n.serverTLS)
 	ctx, cancel := context.WithTimeout(n.ctx, 10*time.Second)
 	err := tc.HandshakeContext(ctx)
@@ -648,14 +723,14 @@ func (n *Node) serveInbound(nc net.Conn) {
 	local, remote := addrPort(nc.LocalAddr()), addrPort(nc.RemoteAddr())
 	conn, err := hbone.ServeConn(tc, hbone.Config{
 		Logger:  n.log,
-		Handler: func(s *hbone.Stream) { n.inboundStream(s, local, remote, peer) },
+		Handler: func(s *hbone.Stream) { n.inboundStream(s, local, remote, peer, p) },
 	})
 	if err != nil {
 		n.log.Debug("inbound http2 preface failed", "peer", remote.String(), "error", err)
 		return
 	}
 	n.mu.Lock()
-	n.serverConns[conn] = struct{}{}
+	n.serverConns[conn] = p
 	n.mu.Unlock()
 	n.wg.Add(1)
 	go func() {
@@ -672,9 +747,12 @@ func (n *Node) serveInbound(nc net.Conn) {
 }
 
 // inboundStream runs on an HTTP/2 read loop: it must not block.
-func (n *Node) inboundStream(s *hbone.Stream, local, remote netip.AddrPort, peer spiffe.ID) {
+func (n *Node) inboundStream(s *hbone.Stream, local, remote netip.AddrPort, peer spiffe.ID, p *pod) {
 	snap := n.store.Load()
 	f := n.pipeline.NewFlow(stages.Inbound, snap, stages.Capture, stages.Identity, stages.Authz, stages.Upstream)
+	if p != nil {
+		f.Pod = p
+	}
 	f.Down, f.DownStream = s, s
 	f.Src, f.Local, f.SrcIdentity = remote, local, peer
 	req := s.Request()
@@ -693,7 +771,7 @@ func (n *Node) inboundStream(s *hbone.Stream, local, remote netip.AddrPort, peer
 }
 
 func (n *Node) established(f *stages.Flow) {
-	if f.Dir == stages.Outbound {
+	if f.Dir == stages.Outbound && f.Pod == nil {
 		var bound netip.AddrPort
 		if c, ok := f.Up.(net.Conn); ok {
 			bound = addrPort(c.LocalAddr())
@@ -734,7 +812,7 @@ func (n *Node) established(f *stages.Flow) {
 
 func (n *Node) failed(f *stages.Flow) {
 	switch {
-	case f.Dir == stages.Outbound && f.Down != nil:
+	case f.Dir == stages.Outbound && f.Pod == nil && f.Down != nil:
 		if f.Failure != stages.FailBadRequest {
 			capture.WriteReply(f.Down, socksReply(f.Failure), netip.AddrPort{})
 		}
@@ -802,6 +880,12 @@ func (n *Node) Stop(ctx context.Context) error {
 		conns = append(conns, c)
 	}
 	n.mu.Unlock()
+	// Pods' listeners stop accepting now; their flows drain with everyone else's.
+	n.podMu.Lock()
+	for _, p := range n.pods {
+		p.lns.Close()
+	}
+	n.podMu.Unlock()
 
 	dctx, cancel := context.WithTimeout(ctx, n.cfg.DrainTimeout)
 	defer cancel()
@@ -827,6 +911,18 @@ func (n *Node) Stop(ctx context.Context) error {
 		<-done
 	}
 	dw.Wait()
+	// The pod sources stop before the pods go: neither may start a proxy after this.
+	if n.zds != nil {
+		n.zds.Stop()
+	}
+	if n.agent != nil {
+		n.agent.Stop()
+	}
+	n.podMu.Lock()
+	for _, p := range n.pods {
+		n.removePodLocked(p)
+	}
+	n.podMu.Unlock()
 	n.cancel()
 	n.pool.Close()
 	n.wg.Wait()
@@ -841,6 +937,36 @@ func (n *Node) Stop(ctx context.Context) error {
 		n.istiod.Close()
 	}
 	n.admin.Stop(ctx)
+	return nil
+}
+
+// startPodSource starts the ZDS client or the built-in node agent; "workload proxy manager"
+// becomes ready when the source has delivered its first complete set of pods.
+func (n *Node) startPodSource() error {
+	var ready <-chan struct{}
+	switch {
+	case n.zds != nil:
+		if err := n.zds.Start(n.ctx); err != nil {
+			return err
+		}
+		ready = n.zds.Ready()
+	case n.agent != nil:
+		if err := n.agent.Start(n.ctx); err != nil {
+			return fmt.Errorf("start node agent: %w", err)
+		}
+		ready = n.agent.Ready()
+	default:
+		return nil
+	}
+	n.wg.Add(1)
+	go func() {
+		defer n.wg.Done()
+		select {
+		case <-ready:
+			n.ready.Done("workload proxy manager")
+		case <-n.ctx.Done():
+		}
+	}()
 	return nil
 }
 

@@ -1,0 +1,349 @@
+package node
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"net/netip"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/ztgo/ztgo/connpool"
+	"github.com/ztgo/ztgo/control/snapshot"
+	"github.com/ztgo/ztgo/redirect"
+	"github.com/ztgo/ztgo/redirect/zds"
+	"github.com/ztgo/ztgo/stages"
+	"github.com/ztgo/ztgo/stages/hbone"
+	"github.com/ztgo/ztgo/stages/upstream"
+)
+
+// workloadWait is how long a captured connection waits for its pod's workload to appear in
+// the mesh (ztunnel's wait_for_workload).
+const workloadWait = 5 * time.Second
+
+// pod is one in-pod proxy: ztgo's listeners inside a pod's network namespace and the socket
+// factory its upstream connections come from. It implements stages.Pod for the flows it
+// captures.
+type pod struct {
+	n     *Node
+	uid   string
+	info  zds.WorkloadInfo
+	ns    redirect.Netns // owned: closed by stop, after every user is gone
+	sf    *redirect.SocketFactory
+	lns   *redirect.Listeners
+	scope string
+	added time.Time
+
+	dnsStop func()
+	loops   sync.WaitGroup
+	// found caches the pod's workload in one snapshot, so flows of an unchanged mesh do
+	// not scan the node's workloads.
+	found atomic.Pointer[podWorkload]
+}
+
+type podWorkload struct {
+	snap *snapshot.Snapshot
+	w    *snapshot.Workload
+}
+
+// AddPod starts the in-pod proxy of pod uid: it opens ztgo's listeners inside ns (15001,
+// 15006, 15008, 15053) and serves them until DelPod. The node duplicates ns; the caller keeps
+// its own handle. Adding a uid that runs already with the same namespace changes nothing;
+// with another namespace (the pod's sandbox was recreated) the old proxy is removed first.
+// It is the pod sink of both the ZDS client and the built-in node agent.
+func (n *Node) AddPod(ctx context.Context, uid string, info zds.WorkloadInfo, ns redirect.Netns) error {
+	own, err := ns.Dup()
+	if err != nil {
+		return fmt.Errorf("add pod %s: %w", uid, err)
+	}
+	return n.addPod(uid, info, own)
+}
+
+// addPod takes ownership of ns.
+func (n *Node) addPod(uid string, info zds.WorkloadInfo, ns redirect.Netns) error {
+	n.podMu.Lock()
+	defer n.podMu.Unlock()
+	if old := n.pods[uid]; old != nil {
+		if old.ns.ID() == ns.ID() {
+			ns.Close()
+			return nil
+		}
+		n.log.Info("pod network namespace changed: replacing its proxy", "uid", uid, "old", old.ns.String(), "new", ns.String())
+		n.removePodLocked(old)
+	}
+	if n.stoppingPods() {
+		ns.Close()
+		return errors.New("add pod: node is stopping")
+	}
+	sf, err := redirect.NewSocketFactory(ns, redirect.SocketConfig{Mark: n.cfg.InPodMark})
+	if err != nil {
+		ns.Close()
+		return fmt.Errorf("add pod %s: %w", uid, err)
+	}
+	lns, err := sf.ListenAll()
+	if err != nil {
+		ns.Close()
+		return fmt.Errorf("add pod %s: listeners in %s: %w", uid, ns, err)
+	}
+	p := &pod{
+		n: n, uid: uid, info: info, ns: ns, sf: sf, lns: lns, added: time.Now(),
+		scope: fmt.Sprintf("pod %s (%s)", uid, ns.ID()),
+	}
+	if n.dns != nil {
+		if p.dnsStop, err = n.dns.Serve(lns.DNSTCP, lns.DNSUDP, netip.Addr{}); err != nil {
+			lns.Close()
+			ns.Close()
+			return fmt.Errorf("add pod %s: dns: %w", uid, err)
+		}
+	} else {
+		// No DNS proxy: close its sockets so queries fail fast instead of timing out.
+		for _, c := range lns.DNSTCP {
+			c.Close()
+		}
+		for _, c := range lns.DNSUDP {
+			c.Close()
+		}
+	}
+	p.loops.Add(3)
+	go p.acceptCaptured(lns.Outbound, stages.Outbound)
+	go p.acceptCaptured(lns.InboundPlaintext, stages.InboundPlain)
+	go p.acceptHBONE(lns.InboundHBONE)
+	n.pods[uid] = p
+	n.podScopes[p.scope] = p
+	n.podsActive.Set(float64(len(n.pods)))
+	n.log.Info("pod proxy started", "uid", uid, "name", info.Name, "namespace", info.Namespace,
+		"service_account", info.ServiceAccount, "netns", ns.String())
+	return nil
+}
+
+// DelPod stops pod uid's proxy at once (ztunnel drains a deleted pod's proxies immediately):
+// its listeners close, its flows and pooled connections are closed, and its namespace handle
+// is released. Other pods' flows are not touched.
+func (n *Node) DelPod(uid string) {
+	n.podMu.Lock()
+	defer n.podMu.Unlock()
+	if p := n.pods[uid]; p != nil {
+		n.removePodLocked(p)
+	}
+}
+
+// PodUIDs lists the running in-pod proxies.
+func (n *Node) PodUIDs() []string {
+	n.podMu.Lock()
+	defer n.podMu.Unlock()
+	out := make([]string, 0, len(n.pods))
+	for uid := range n.pods {
+		out = append(out, uid)
+	}
+	slices.Sort(out)
+	return out
+}
+
+func (n *Node) stoppingPods() bool {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.stopping
+}
+
+func (n *Node) removePodLocked(p *pod) {
+	delete(n.pods, p.uid)
+	delete(n.podScopes, p.scope)
+	n.podsActive.Set(float64(len(n.pods)))
+	p.stop()
+	n.log.Info("pod proxy stopped", "uid", p.uid, "name", p.info.Name, "namespace", p.info.Namespace)
+}
+
+// stop closes the pod's listeners, waits for its accept loops, and closes whatever the pod
+// still has open: its flows, its inbound HBONE connections and its pooled connections.
+func (p *pod) stop() {
+	n := p.n
+	p.lns.Close()
+	if p.dnsStop != nil {
+		p.dnsStop()
+	}
+	p.loops.Wait()
+	n.flows.Range(func(_ uint64, f *stages.Flow) bool {
+		if f.Pod == stages.Pod(p) {
+			f.Down.Close()
+			f.Up.Close()
+		}
+		return true
+	})
+	var conns []*hbone.Conn
+	n.mu.Lock()
+	for c, owner := range n.serverConns {
+		if owner == p {
+			conns = append(conns, c)
+		}
+	}
+	n.mu.Unlock()
+	for _, c := range conns {
+		c.Close()
+	}
+	n.pool.CloseWhere(func(k connpool.Key) bool { return k.Scope == p.scope })
+	// Dials of flows still in the stages fail from here on: the handle is closed.
+	p.ns.Close()
+}
+
+// acceptCaptured feeds the connections the pod's rules redirected to 15001 (outbound) or
+// 15006 (inbound plaintext) into the pipeline.
+func (p *pod) acceptCaptured(ln *net.TCPListener, dir stages.Direction) {
+	defer p.loops.Done()
+	n := p.n
+	rng := rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64()))
+	for {
+		c, err := ln.AcceptTCP()
+		if err != nil {
+			if !errors.Is(err, net.ErrClosed) {
+				n.log.Error("pod accept", "uid", p.uid, "addr", ln.Addr().String(), "error", err)
+			}
+			return
+		}
+		var f *stages.Flow
+		if dir == stages.Outbound {
+			f = n.pipeline.NewFlow(dir, n.store.Load(), stages.Capture, stages.Identity, stages.Upstream)
+			f.TraceParent = hbone.NewTraceParent(rng)
+		} else {
+			f = n.pipeline.NewFlow(dir, n.store.Load(), stages.Capture, stages.Identity, stages.Authz, stages.Upstream)
+		}
+		f.Down = c
+		f.Src = addrPort(c.RemoteAddr())
+		f.Local = addrPort(c.LocalAddr())
+		f.Pod = p
+		// Blocks while the capture stage is saturated: accepting slows down (backpressure).
+		if err := n.pipeline.Submit(n.ctx, f); err != nil {
+			c.Close()
+			if errors.Is(err, stages.ErrStopped) || n.ctx.Err() != nil {
+				return
+			}
+		}
+	}
+}
+
+// acceptHBONE serves the pod's 15008: mTLS presenting the pod's certificate, then HTTP/2.
+func (p *pod) acceptHBONE(ln *net.TCPListener) {
+	defer p.loops.Done()
+	n := p.n
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			if !errors.Is(err, net.ErrClosed) {
+				n.log.Error("pod inbound accept", "uid", p.uid, "error", err)
+			}
+			return
+		}
+		select {
+		case n.handshake <- struct{}{}:
+		case <-n.ctx.Done():
+			c.Close()
+			return
+		}
+		n.wg.Add(1)
+		go func() {
+			defer n.wg.Done()
+			defer func() { <-n.handshake }()
+			n.serveInbound(c, p)
+		}()
+	}
+}
+
+// Workload finds the pod's workload among this node's workloads by the name, namespace and
+// service account the pod source gave, waiting up to workloadWait for the control plane to
+// announce it.
+func (p *pod) Workload(ctx context.Context, snap *snapshot.Snapshot) (*snapshot.Workload, *snapshot.Snapshot, error) {
+	deadline := time.Now().Add(workloadWait)
+	for {
+		if w := p.lookup(snap); w != nil {
+			return w, snap, nil
+		}
+		if !time.Now().Before(deadline) {
+			return nil, snap, fmt.Errorf("pod %s/%s (service account %s) is not a workload on node %q",
+				p.info.Namespace, p.info.Name, p.info.ServiceAccount, p.n.cfg.Name)
+		}
+		t := time.NewTimer(50 * time.Millisecond)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return nil, snap, fmt.Errorf("waiting for the workload of pod %s/%s: %w", p.info.Namespace, p.info.Name, ctx.Err())
+		case <-t.C:
+		}
+		snap = p.n.store.Load()
+	}
+}
+
+func (p *pod) lookup(snap *snapshot.Snapshot) *snapshot.Workload {
+	if c := p.found.Load(); c != nil && c.snap == snap {
+		return c.w
+	}
+	for _, w := range snap.WorkloadsOnNode(p.n.cfg.Name) {
+		if w.Name == p.info.Name && w.Namespace == p.info.Namespace &&
+			(p.info.ServiceAccount == "" || w.ServiceAccount == p.info.ServiceAccount) {
+			p.found.Store(&podWorkload{snap: snap, w: w})
+			return w
+		}
+	}
+	return nil
+}
+
+// Dial connects from inside the pod, marked so the pod's rules let it out.
+func (p *pod) Dial(ctx context.Context, dst netip.AddrPort) (*net.TCPConn, error) {
+	c, err := p.sf.Dial(ctx, dst)
+	return c, dialError(err)
+}
+
+// DialTransparent connects from inside the pod with the client's address as source.
+func (p *pod) DialTransparent(ctx context.Context, src netip.Addr, dst netip.AddrPort) (*net.TCPConn, error) {
+	c, err := p.sf.DialTransparent(ctx, src, dst)
+	return c, dialError(err)
+}
+
+// OriginalDst is the destination the app dialled (SO_ORIGINAL_DST).
+func (p *pod) OriginalDst(c *net.TCPConn) (netip.AddrPort, error) { return redirect.OriginalDst(c) }
+
+// Scope keys the pod's pooled connections.
+func (p *pod) Scope() string { return p.scope }
+
+// dialError marks connect timeouts as upstream timeouts, which the stages report as
+// NETWORK_POLICY, as for dials from the node's namespace.
+func dialError(err error) error {
+	if err != nil && errors.Is(err, redirect.ErrConnectTimeout) {
+		return fmt.Errorf("%w: %w", upstream.ErrTimeout, err)
+	}
+	return err
+}
+
+// zdsHandler adapts the node to the ZDS client: it takes the pods istio-cni (or ztgo's node
+// agent) hands over.
+type zdsHandler struct{ n *Node }
+
+func (h zdsHandler) AddPod(ctx context.Context, uid string, info zds.WorkloadInfo, ns *zds.Netns) error {
+	fd, err := ns.Dup()
+	if err != nil {
+		return fmt.Errorf("add pod %s: %w", uid, err)
+	}
+	own, err := redirect.NetnsFromFD(fd)
+	if err != nil {
+		return fmt.Errorf("add pod %s: %w", uid, err)
+	}
+	return h.n.addPod(uid, info, own)
+}
+
+func (h zdsHandler) DelPod(uid string) { h.n.DelPod(uid) }
+
+// Snapshot removes proxies the node agent no longer knows (the client reports only pods it
+// started, so this is a safety net for proxies started before a reconnect).
+func (h zdsHandler) Snapshot(active []string) {
+	keep := map[string]bool{}
+	for _, uid := range active {
+		keep[uid] = true
+	}
+	for _, uid := range h.n.PodUIDs() {
+		if !keep[uid] {
+			h.n.DelPod(uid)
+		}
+	}
+}
