@@ -150,6 +150,47 @@ func TestXDSNodeMetricsLint(t *testing.T) {
 	}
 }
 
+// In-pod mode adds ztunnel's workload_manager_* families (ZDS) or the node agent's
+// ztgo_agent_* families (pods directory); both pass the lint.
+func TestInPodNodeMetricsLint(t *testing.T) {
+	for _, tc := range []struct {
+		cfg  node.Config
+		want []string
+	}{
+		{node.Config{InPodUDS: "/nonexistent/ztgo-metricslint.sock"}, append([]string{"ztgo_inpod_proxies"}, ZtunnelNames...)},
+		{node.Config{PodsDir: t.TempDir()}, []string{"ztgo_inpod_proxies", "ztgo_agent_pods", "ztgo_agent_rule_installs_total"}},
+	} {
+		cfg := tc.cfg
+		cfg.Name, cfg.DefaultConfig = "metricslint", []byte("workloads: []\n")
+		n, err := node.New(cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		names := Registered(n.Registry())
+		for _, want := range tc.want {
+			if !slices.Contains(names, want) {
+				t.Errorf("%s not registered in in-pod mode %+v", want, tc.cfg)
+			}
+		}
+		for _, name := range names {
+			if err := CheckName(name); err != nil {
+				t.Errorf("%s: %v", name, err)
+			}
+		}
+		mfs, err := n.Registry().Gather()
+		if err != nil {
+			t.Fatal(err)
+		}
+		problems, _, err := Lint(mfs)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, p := range problems {
+			t.Errorf("promlint: %s: %s", p.Metric, p.Text)
+		}
+	}
+}
+
 // The rules catch what they are for.
 func TestRules(t *testing.T) {
 	for name, bad := range map[string]bool{
