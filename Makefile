@@ -6,7 +6,7 @@ VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev
 LDFLAGS  := -s -w -X github.com/ztgo/ztgo/runtime/buildinfo.Version=$(VERSION)
 STATICCHECK_VERSION := v0.8.2
 
-.PHONY: all build run demo test test-privileged test-short bench bench-once fuzz lint vet staticcheck clean
+.PHONY: all build run demo demo-netns test test-privileged test-short bench bench-once fuzz lint vet staticcheck clean
 
 all: build
 
@@ -20,6 +20,11 @@ run: build
 # Two ztgo nodes on loopback, an echo app on each, traffic through SOCKS5 -> HBONE mTLS.
 demo: build
 	$(GO) run ./cmd/ztgo-demo --ztgo ./$(BIN)
+
+# Two ztgo nodes capturing pods in real network namespaces (root): an unmodified curl in one
+# pod reaches an app in another through in-pod capture and mTLS HBONE.
+demo-netns: build
+	$(GO) run ./cmd/ztgo-demo-netns --ztgo ./$(BIN)
 
 # Everything CI runs: vet, the race-enabled test suite (privileged tests run when root),
 # and every benchmark once so none rots.
@@ -48,6 +53,7 @@ fuzz:
 		./control/localfile:FuzzParse \
 		./stages/identity:FuzzParseAuthority \
 		./redirect/zds:FuzzDecode \
+		./redirect/agent:FuzzParsePodSpec \
 		./stages/dns:FuzzHandle \
 		./control/xds:FuzzHandle \
 		./stages/authz:FuzzPrincipalMatch ; do \
