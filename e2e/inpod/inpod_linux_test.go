@@ -15,7 +15,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -102,7 +101,11 @@ func ztgoBinary(t *testing.T) string {
 			return
 		}
 		builtBin = filepath.Join(dir, "ztgo")
-		goBin := filepath.Join(runtime.GOROOT(), "bin", "go")
+		goBin, err := exec.LookPath("go")
+		if err != nil {
+			buildErr = fmt.Errorf("the go tool builds the ztgo binary: %w", err)
+			return
+		}
 		cmd := exec.Command(goBin, "build", "-o", builtBin, "github.com/ztgo/ztgo/cmd/ztgo")
 		if out, err := cmd.CombinedOutput(); err != nil {
 			buildErr = fmt.Errorf("go build ./cmd/ztgo: %v\n%s", err, out)
@@ -272,8 +275,6 @@ type server struct {
 	mu    sync.Mutex
 	peers []netip.AddrPort
 }
-
-func (s *server) port() uint16 { return s.ln.Addr().(*net.TCPAddr).AddrPort().Port() }
 
 func (s *server) addPeer(a net.Addr) {
 	s.mu.Lock()
