@@ -273,9 +273,10 @@ func (s *Source) apply(data []byte) error {
 		s.metrics.reloadsError.Inc()
 		return err
 	}
-	s.store.Publish(snap)
+	// Counted before the publish: whoever sees the new snapshot sees the count too.
 	s.metrics.reloadsOK.Inc()
 	s.metrics.lastSuccess.SetToCurrentTime()
+	s.store.Publish(snap)
 	s.log.Info("local config loaded", "version", snap.Version(), "workloads", len(snap.Workloads()),
 		"services", len(snap.Services()), "policies", len(snap.Policies()))
 	if staged := snap.StagedServices(); len(staged) > 0 {
