@@ -7,6 +7,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -387,6 +388,11 @@ func lastPeer(t *testing.T, s *server) netip.AddrPort {
 	return p[len(p)-1]
 }
 
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}
+
 func ap(a netip.Addr, port uint16) netip.AddrPort { return netip.AddrPortFrom(a, port) }
 
 // TestPrivilegedInPod runs the in-pod mesh end to end: two ztgo processes capture the
@@ -522,6 +528,30 @@ func TestPrivilegedInPod(t *testing.T) {
 			t.Fatalf("node-a never started the new pod: %v", err)
 		}
 		roundTrip(t, long, []byte("after add"))
+		// The new pod is no workload of the mesh: its first connection waits for the control
+		// plane (5 s) and is closed; the next one is refused at once, so such a pod cannot tie
+		// up the capture stage.
+		for i, limit := range []time.Duration{8 * time.Second, 2 * time.Second} {
+			c := dial(t, fresh.Namespace, ap(e.echo.IP(), 9090))
+			began := time.Now()
+			c.SetReadDeadline(time.Now().Add(limit))
+			n, err := c.Read(make([]byte, 1))
+			if n != 0 || isTimeout(err) {
+				t.Errorf("connection %d from a pod outside the mesh: %d bytes, %v after %v", i, n, err, time.Since(began))
+			}
+			c.Close()
+			if i == 1 && time.Since(began) > time.Second {
+				t.Errorf("second connection from an unknown pod took %v to refuse", time.Since(began))
+			}
+		}
+		// Flows into the pod about to be removed end with it: an inbound plaintext one (from
+		// outside the mesh, through 15006) and an HBONE one.
+		doomed := dial(t, e.legacy.Namespace, ap(e.other.IP(), 9090))
+		defer doomed.Close()
+		roundTrip(t, doomed, []byte("doomed"))
+		doomedHBONE := dial(t, client, ap(e.other.IP(), 9090))
+		defer doomedHBONE.Close()
+		roundTrip(t, doomedHBONE, []byte("doomed"))
 		if err := os.Remove(filepath.Join(e.dir, "pods-a", "other.yaml")); err != nil {
 			t.Fatal(err)
 		}
@@ -529,6 +559,12 @@ func TestPrivilegedInPod(t *testing.T) {
 			return strings.Contains(l, "pod proxy stopped") && strings.Contains(l, "other-uid")
 		}); err != nil {
 			t.Fatalf("node-a never stopped the removed pod: %v", err)
+		}
+		for _, c := range []*net.TCPConn{doomed, doomedHBONE} {
+			c.SetReadDeadline(time.Now().Add(ioTimeout))
+			if n, err := c.Read(make([]byte, 1)); n != 0 || isTimeout(err) {
+				t.Errorf("flow %s into the removed pod still open: %d bytes, %v", c.LocalAddr(), n, err)
+			}
 		}
 		if err := e.c.RemovePod("fresh"); err != nil {
 			t.Fatal(err)

@@ -38,8 +38,20 @@ type pod struct {
 	scope string
 	added time.Time
 
+	// ctx ends when the pod is removed: accept loops waiting for the pipeline or a
+	// handshake slot, and flows waiting for the pod's workload, give up.
+	ctx    context.Context
+	cancel context.CancelFunc
+	// closed is set (under Node.mu) when the pod is removed: a flow or an inbound connection
+	// of the pod that completes afterwards is closed instead of registered.
+	closed bool
+
 	dnsStop func()
 	loops   sync.WaitGroup
+	// missed is 1 + the snapshot version in which a wait for the pod's workload timed out:
+	// later connections of the pod fail at once until the mesh changes, so a pod the control
+	// plane does not know cannot hold the capture workers 5 s per connection.
+	missed atomic.Uint64
 	// found caches the pod's workload in one snapshot, so flows of an unchanged mesh do
 	// not scan the node's workloads.
 	found atomic.Pointer[podWorkload]
@@ -65,15 +77,21 @@ func (n *Node) AddPod(ctx context.Context, uid string, info zds.WorkloadInfo, ns
 
 // addPod takes ownership of ns.
 func (n *Node) addPod(uid string, info zds.WorkloadInfo, ns redirect.Netns) error {
+	var old *pod
+	defer func() {
+		if old != nil {
+			old.finish() // after podMu is released: it waits for the old pod's loops
+		}
+	}()
 	n.podMu.Lock()
 	defer n.podMu.Unlock()
-	if old := n.pods[uid]; old != nil {
-		if old.ns.ID() == ns.ID() {
+	if prev := n.pods[uid]; prev != nil {
+		if prev.ns.ID() == ns.ID() {
 			ns.Close()
 			return nil
 		}
-		n.log.Info("pod network namespace changed: replacing its proxy", "uid", uid, "old", old.ns.String(), "new", ns.String())
-		n.removePodLocked(old)
+		n.log.Info("pod network namespace changed: replacing its proxy", "uid", uid, "old", prev.ns.String(), "new", ns.String())
+		old = n.detachLocked(prev)
 	}
 	if n.stoppingPods() {
 		ns.Close()
@@ -93,8 +111,10 @@ func (n *Node) addPod(uid string, info zds.WorkloadInfo, ns redirect.Netns) erro
 		n: n, uid: uid, info: info, ns: ns, sf: sf, lns: lns, added: time.Now(),
 		scope: fmt.Sprintf("pod %s (%s)", uid, ns.ID()),
 	}
+	p.ctx, p.cancel = context.WithCancel(n.ctx)
 	if n.dns != nil {
-		if p.dnsStop, err = n.dns.Serve(lns.DNSTCP, lns.DNSUDP, netip.Addr{}); err != nil {
+		if p.dnsStop, err = n.dns.Serve(lns.DNSTCP, lns.DNSUDP, p.dnsClient); err != nil {
+			p.cancel()
 			lns.Close()
 			ns.Close()
 			return fmt.Errorf("add pod %s: dns: %w", uid, err)
@@ -113,7 +133,7 @@ func (n *Node) addPod(uid string, info zds.WorkloadInfo, ns redirect.Netns) erro
 	go p.acceptCaptured(lns.InboundPlaintext, stages.InboundPlain)
 	go p.acceptHBONE(lns.InboundHBONE)
 	n.pods[uid] = p
-	n.podScopes[p.scope] = p
+	n.podScopes.Store(p.scope, p)
 	n.podsActive.Set(float64(len(n.pods)))
 	n.log.Info("pod proxy started", "uid", uid, "name", info.Name, "namespace", info.Namespace,
 		"service_account", info.ServiceAccount, "netns", ns.String())
@@ -125,9 +145,26 @@ func (n *Node) addPod(uid string, info zds.WorkloadInfo, ns redirect.Netns) erro
 // is released. Other pods' flows are not touched.
 func (n *Node) DelPod(uid string) {
 	n.podMu.Lock()
-	defer n.podMu.Unlock()
-	if p := n.pods[uid]; p != nil {
-		n.removePodLocked(p)
+	p := n.pods[uid]
+	if p != nil {
+		n.detachLocked(p)
+	}
+	n.podMu.Unlock()
+	if p != nil {
+		p.finish()
+	}
+}
+
+// removeAllPods stops every in-pod proxy (node shutdown).
+func (n *Node) removeAllPods() {
+	n.podMu.Lock()
+	var all []*pod
+	for _, p := range n.pods {
+		all = append(all, n.detachLocked(p))
+	}
+	n.podMu.Unlock()
+	for _, p := range all {
+		p.finish()
 	}
 }
 
@@ -149,23 +186,31 @@ func (n *Node) stoppingPods() bool {
 	return n.stopping
 }
 
-func (n *Node) removePodLocked(p *pod) {
+// detachLocked takes p out of the node (podMu held) and closes its listeners, so the same
+// namespace can be served again at once; nothing here waits. finish does the rest.
+func (n *Node) detachLocked(p *pod) *pod {
 	delete(n.pods, p.uid)
-	delete(n.podScopes, p.scope)
+	n.podScopes.Delete(p.scope)
 	n.podsActive.Set(float64(len(n.pods)))
-	p.stop()
-	n.log.Info("pod proxy stopped", "uid", p.uid, "name", p.info.Name, "namespace", p.info.Namespace)
+	p.lns.Close()
+	p.cancel()
+	n.mu.Lock()
+	p.closed = true
+	n.mu.Unlock()
+	return p
 }
 
-// stop closes the pod's listeners, waits for its accept loops, and closes whatever the pod
-// still has open: its flows, its inbound HBONE connections and its pooled connections.
-func (p *pod) stop() {
+// finish waits for the pod's accept loops and closes whatever the pod still has open: its
+// flows, its inbound HBONE connections and its pooled connections. Flows and connections that
+// complete later see closed and close themselves (established, serveInbound, dialHBONE).
+func (p *pod) finish() {
 	n := p.n
-	p.lns.Close()
 	if p.dnsStop != nil {
 		p.dnsStop()
 	}
 	p.loops.Wait()
+	// closed was set under mu before this point, and flows are stored under mu after checking
+	// it, so every flow of the pod that will ever be stored is visible here.
 	n.flows.Range(func(_ uint64, f *stages.Flow) bool {
 		if f.Pod == stages.Pod(p) {
 			f.Down.Close()
@@ -187,7 +232,11 @@ func (p *pod) stop() {
 	n.pool.CloseWhere(func(k connpool.Key) bool { return k.Scope == p.scope })
 	// Dials of flows still in the stages fail from here on: the handle is closed.
 	p.ns.Close()
+	n.log.Info("pod proxy stopped", "uid", p.uid, "name", p.info.Name, "namespace", p.info.Namespace)
 }
+
+// isClosed reports whether p was removed; the caller holds Node.mu.
+func (p *pod) isClosedLocked() bool { return p.closed }
 
 // acceptCaptured feeds the connections the pod's rules redirected to 15001 (outbound) or
 // 15006 (inbound plaintext) into the pipeline.
@@ -195,14 +244,16 @@ func (p *pod) acceptCaptured(ln *net.TCPListener, dir stages.Direction) {
 	defer p.loops.Done()
 	n := p.n
 	rng := rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64()))
+	var delay time.Duration
 	for {
 		c, err := ln.AcceptTCP()
 		if err != nil {
-			if !errors.Is(err, net.ErrClosed) {
-				n.log.Error("pod accept", "uid", p.uid, "addr", ln.Addr().String(), "error", err)
+			if p.acceptFailed(ln, err, &delay) {
+				continue
 			}
 			return
 		}
+		delay = 0
 		var f *stages.Flow
 		if dir == stages.Outbound {
 			f = n.pipeline.NewFlow(dir, n.store.Load(), stages.Capture, stages.Identity, stages.Upstream)
@@ -215,12 +266,31 @@ func (p *pod) acceptCaptured(ln *net.TCPListener, dir stages.Direction) {
 		f.Local = addrPort(c.LocalAddr())
 		f.Pod = p
 		// Blocks while the capture stage is saturated: accepting slows down (backpressure).
-		if err := n.pipeline.Submit(n.ctx, f); err != nil {
+		if err := n.pipeline.Submit(p.ctx, f); err != nil {
 			c.Close()
-			if errors.Is(err, stages.ErrStopped) || n.ctx.Err() != nil {
+			if errors.Is(err, stages.ErrStopped) || p.ctx.Err() != nil {
 				return
 			}
 		}
+	}
+}
+
+// acceptFailed handles an accept error: false ends the loop (the listener is closed);
+// otherwise (out of fds, ...) it waits, 5 ms doubling up to 1 s, and the loop goes on, so a
+// passing shortage does not leave the pod's traffic redirected to a listener nobody serves.
+func (p *pod) acceptFailed(ln net.Listener, err error, delay *time.Duration) bool {
+	if errors.Is(err, net.ErrClosed) || p.ctx.Err() != nil {
+		return false
+	}
+	*delay = min(max(2**delay, 5*time.Millisecond), time.Second)
+	p.n.log.Error("pod accept failed; retrying", "uid", p.uid, "addr", ln.Addr().String(), "error", err, "retry_in", *delay)
+	t := time.NewTimer(*delay)
+	defer t.Stop()
+	select {
+	case <-p.ctx.Done():
+		return false
+	case <-t.C:
+		return true
 	}
 }
 
@@ -228,17 +298,19 @@ func (p *pod) acceptCaptured(ln *net.TCPListener, dir stages.Direction) {
 func (p *pod) acceptHBONE(ln *net.TCPListener) {
 	defer p.loops.Done()
 	n := p.n
+	var delay time.Duration
 	for {
 		c, err := ln.Accept()
 		if err != nil {
-			if !errors.Is(err, net.ErrClosed) {
-				n.log.Error("pod inbound accept", "uid", p.uid, "error", err)
+			if p.acceptFailed(ln, err, &delay) {
+				continue
 			}
 			return
 		}
+		delay = 0
 		select {
 		case n.handshake <- struct{}{}:
-		case <-n.ctx.Done():
+		case <-p.ctx.Done():
 			c.Close()
 			return
 		}
@@ -255,24 +327,52 @@ func (p *pod) acceptHBONE(ln *net.TCPListener) {
 // service account the pod source gave, waiting up to workloadWait for the control plane to
 // announce it.
 func (p *pod) Workload(ctx context.Context, snap *snapshot.Snapshot) (*snapshot.Workload, *snapshot.Snapshot, error) {
-	deadline := time.Now().Add(workloadWait)
-	for {
+	if w := p.lookup(snap); w != nil {
+		return w, snap, nil
+	}
+	if cur := p.n.store.Load(); cur != snap {
+		snap = cur
 		if w := p.lookup(snap); w != nil {
 			return w, snap, nil
 		}
-		if !time.Now().Before(deadline) {
-			return nil, snap, fmt.Errorf("pod %s/%s (service account %s) is not a workload on node %q",
-				p.info.Namespace, p.info.Name, p.info.ServiceAccount, p.n.cfg.Name)
-		}
-		t := time.NewTimer(50 * time.Millisecond)
+	}
+	notFound := func() error {
+		return fmt.Errorf("pod %s/%s (service account %s) is not a workload on node %q",
+			p.info.Namespace, p.info.Name, p.info.ServiceAccount, p.n.cfg.Name)
+	}
+	if p.missed.Load() == snap.Version()+1 {
+		return nil, snap, notFound() // already waited in vain for this mesh
+	}
+	deadline := time.NewTimer(workloadWait)
+	defer deadline.Stop()
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+	for {
 		select {
 		case <-ctx.Done():
-			t.Stop()
 			return nil, snap, fmt.Errorf("waiting for the workload of pod %s/%s: %w", p.info.Namespace, p.info.Name, ctx.Err())
-		case <-t.C:
+		case <-p.ctx.Done():
+			return nil, snap, fmt.Errorf("waiting for the workload of pod %s/%s: pod removed", p.info.Namespace, p.info.Name)
+		case <-deadline.C:
+			p.missed.Store(snap.Version() + 1)
+			return nil, snap, notFound()
+		case <-tick.C:
 		}
 		snap = p.n.store.Load()
+		if w := p.lookup(snap); w != nil {
+			return w, snap, nil
+		}
 	}
+}
+
+// dnsClient is the address DNS queries through the pod's 15053 are answered for: the pod's
+// own workload's, whatever address a query comes from (as ztunnel's per-pod DNS server
+// knows its workload). Before the workload is known it is invalid, and queries get SERVFAIL.
+func (p *pod) dnsClient() netip.Addr {
+	if w := p.lookup(p.n.store.Load()); w != nil && len(w.Addresses) > 0 {
+		return w.Addresses[0]
+	}
+	return netip.Addr{}
 }
 
 func (p *pod) lookup(snap *snapshot.Snapshot) *snapshot.Workload {

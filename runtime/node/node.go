@@ -168,7 +168,7 @@ type Node struct {
 	// In-pod proxies by pod uid and by pool scope.
 	podMu      sync.Mutex
 	pods       map[string]*pod
-	podScopes  map[string]*pod
+	podScopes  *xsync.MapOf[string, *pod] // read lock-free by dialHBONE
 	podsActive prometheus.Gauge
 }
 
@@ -210,7 +210,7 @@ func New(cfg Config) (*Node, error) {
 		inbound:     map[netip.Addr]net.Listener{},
 		serverConns: map[*hbone.Conn]*pod{},
 		pods:        map[string]*pod{},
-		podScopes:   map[string]*pod{},
+		podScopes:   xsync.NewMapOf[string, *pod](),
 		flows:       xsync.NewMapOf[uint64, *stages.Flow](),
 		relay:       relay.New(0),
 	}
@@ -312,7 +312,7 @@ func New(cfg Config) (*Node, error) {
 	n.tel = telemetry.New(m, cfg.Logger.With("scope", "access"))
 	h := &stages.Handlers{
 		Node: cfg.Name, Network: cfg.Network, Pool: n.pool, Dialer: n.dialer, Tracker: n.tracker,
-		Log: cfg.Logger, LogAuthzInfo: cfg.LogAuthzInfo,
+		Log: cfg.Logger, LogAuthzInfo: cfg.LogAuthzInfo, SOCKS5: cfg.SOCKS5Addr != "",
 	}
 	n.pipeline, err = stages.NewPipeline(h.Stages(cfg.Workers, 1024), stages.Hooks{Established: n.established, Failed: n.failed}, reg)
 	if err != nil {
@@ -618,9 +618,7 @@ func (n *Node) dialHBONE(ctx context.Context, key connpool.Key) (*hbone.Conn, er
 	var nc net.Conn
 	if key.Scope != "" {
 		// An in-pod proxy's connection: dialled inside the pod, from the pod's address.
-		n.podMu.Lock()
-		p := n.podScopes[key.Scope]
-		n.podMu.Unlock()
+		p, _ := n.podScopes.Load(key.Scope)
 		if p == nil {
 			return nil, &stages.Error{Kind: stages.FailConnect, Err: fmt.Errorf("%s is gone", key.Scope)}
 		}
@@ -648,6 +646,13 @@ func (n *Node) dialHBONE(ctx context.Context, key connpool.Key) (*hbone.Conn, er
 	c, err := hbone.NewClientConn(tc, hbone.Config{Settings: set, Logger: n.log})
 	if err != nil {
 		return nil, &stages.Error{Kind: stages.FailH2Handshake, Err: err}
+	}
+	if key.Scope != "" {
+		if p, _ := n.podScopes.Load(key.Scope); p == nil {
+			// The pod was removed while this was dialling: its pool entries are gone.
+			c.Close()
+			return nil, &stages.Error{Kind: stages.FailConnect, Err: fmt.Errorf("%s is gone", key.Scope)}
+		}
 	}
 	return c, nil
 }
@@ -730,6 +735,12 @@ func (n *Node) serveInbound(nc net.Conn, p *pod) {
 		return
 	}
 	n.mu.Lock()
+	if p != nil && p.isClosedLocked() {
+		// The pod went away during the handshake.
+		n.mu.Unlock()
+		conn.Close()
+		return
+	}
 	n.serverConns[conn] = p
 	n.mu.Unlock()
 	n.wg.Add(1)
@@ -789,15 +800,23 @@ func (n *Node) established(f *stages.Flow) {
 		n.failed(f)
 		return
 	}
+	if p, ok := f.Pod.(*pod); ok && p.isClosedLocked() {
+		n.mu.Unlock()
+		f.Fail(stages.FailConnect, errors.New("pod removed"))
+		n.failed(f)
+		return
+	}
 	// Add under mu: Stop sets stopping under mu before it waits, so no Add can follow the Wait.
 	n.relays.Add(1)
+	// Stored under mu too: a pod's removal marks it closed under mu and then closes the
+	// flows it finds, so a flow of the pod is either refused above or found.
+	n.flows.Store(f.ID, f)
 	n.mu.Unlock()
 	n.fillTrace(f)
 	// The stage trace is complete once the flow is established: record it now, so the live
 	// view and the stage histograms do not wait for long-lived connections to close.
 	n.rec.Finish(&f.Trace)
 	n.tel.Opened(f)
-	n.flows.Store(f.ID, f)
 	go func() {
 		defer n.relays.Done()
 		res := n.relay.Run(f.Down, f.Up, &f.BytesSent, &f.BytesRecv, func() {
@@ -918,11 +937,7 @@ func (n *Node) Stop(ctx context.Context) error {
 	if n.agent != nil {
 		n.agent.Stop()
 	}
-	n.podMu.Lock()
-	for _, p := range n.pods {
-		n.removePodLocked(p)
-	}
-	n.podMu.Unlock()
+	n.removeAllPods()
 	n.cancel()
 	n.pool.Close()
 	n.wg.Wait()

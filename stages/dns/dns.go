@@ -241,8 +241,8 @@ func (s *Server) Start() error {
 	s.tcp, s.udp = tcp, udp
 	s.wg.Add(2)
 	s.mu.Unlock()
-	go s.serveTCP(tcp, netip.Addr{})
-	go s.serveUDP(udp, netip.Addr{})
+	go s.serveTCP(tcp, nil)
+	go s.serveUDP(udp, nil)
 	s.log.Info("dns proxy listening", "addr", tcp.Addr().String(), "upstreams", s.upstreams)
 	return nil
 }
@@ -278,11 +278,12 @@ func (s *Server) Stop() {
 }
 
 // Serve answers queries on listeners opened elsewhere (inside a pod's network namespace) until
-// the returned stop is called or the server stops. A valid client is the address every query
-// is answered for, whatever its source address (the pod's own workload, as ztunnel's per-pod
-// DNS servers do); otherwise the source address names the client. stop closes the listeners
+// the returned stop is called or the server stops. A non-nil client names, per query, the
+// address the query is answered for whatever its source address (the pod's own workload, as
+// ztunnel's per-pod DNS servers know theirs; an invalid address is an unknown client and
+// gets SERVFAIL); with nil the source address names the client. stop closes the listeners
 // and waits for their loops; queries in flight finish on their own.
-func (s *Server) Serve(tcp []*net.TCPListener, udp []*net.UDPConn, client netip.Addr) (stop func(), err error) {
+func (s *Server) Serve(tcp []*net.TCPListener, udp []*net.UDPConn, client func() netip.Addr) (stop func(), err error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.done {
@@ -319,7 +320,7 @@ func (s *Server) Serve(tcp []*net.TCPListener, udp []*net.UDPConn, client netip.
 	}, nil
 }
 
-func (s *Server) serveUDP(pc *net.UDPConn, client netip.Addr) {
+func (s *Server) serveUDP(pc *net.UDPConn, client func() netip.Addr) {
 	defer s.wg.Done()
 	buf := make([]byte, 65535)
 	for {
@@ -341,8 +342,8 @@ func (s *Server) serveUDP(pc *net.UDPConn, client netip.Addr) {
 			defer s.wg.Done()
 			defer func() { <-s.sem }()
 			from := src.Addr().Unmap()
-			if client.IsValid() {
-				from = client
+			if client != nil {
+				from = client()
 			}
 			if resp := s.Handle(req, from, "udp"); resp != nil {
 				pc.WriteToUDPAddrPort(resp, src)
@@ -351,7 +352,7 @@ func (s *Server) serveUDP(pc *net.UDPConn, client netip.Addr) {
 	}
 }
 
-func (s *Server) serveTCP(ln net.Listener, client netip.Addr) {
+func (s *Server) serveTCP(ln net.Listener, client func() netip.Addr) {
 	defer s.wg.Done()
 	for {
 		c, err := ln.Accept()
@@ -391,9 +392,11 @@ func (s *Server) serveTCP(ln net.Listener, client netip.Addr) {
 
 // serveConn answers length-framed requests on c one after the other until the client
 // closes, a read takes longer than TCPRequestTimeout, or a frame is malformed.
-func (s *Server) serveConn(c net.Conn, client netip.Addr) {
-	src := client
-	if ta, ok := c.RemoteAddr().(*net.TCPAddr); ok && !src.IsValid() {
+func (s *Server) serveConn(c net.Conn, client func() netip.Addr) {
+	var src netip.Addr
+	if client != nil {
+		src = client()
+	} else if ta, ok := c.RemoteAddr().(*net.TCPAddr); ok {
 		src = ta.AddrPort().Addr().Unmap()
 	}
 	var lenBuf [2]byte
