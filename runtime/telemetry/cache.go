@@ -2,11 +2,9 @@ package telemetry
 
 import (
 	"hash/maphash"
-	"sync"
 	"sync/atomic"
 	"unsafe"
 
-	"github.com/prometheus/client_golang/prometheus"
 	"github.com/puzpuzpuz/xsync/v3"
 
 	"github.com/ztgo/ztgo/control/snapshot"
@@ -38,47 +36,21 @@ func keyOf(f *stages.Flow) seriesKey {
 	}
 }
 
-// series holds the istio_tcp_* children of one label set, each resolved (hashed) once. The
-// counters of an established flow and the failed counter are resolved separately, so a
-// label set that only ever fails exports no zero-valued opened/closed series, and the reverse.
-type series struct {
-	vals []string
-
-	est                            sync.Once
-	opened, closed, received, sent prometheus.Counter
-
-	fail   sync.Once
-	failed prometheus.Counter
-}
-
-func (s *series) established(m *Metrics) *series {
-	s.est.Do(func() {
-		s.opened = m.opened.WithLabelValues(s.vals...)
-		s.closed = m.closed.WithLabelValues(s.vals...)
-		s.received = m.received.WithLabelValues(s.vals...)
-		s.sent = m.sent.WithLabelValues(s.vals...)
-	})
-	return s
-}
-
-func (s *series) failedCounter(m *Metrics) prometheus.Counter {
-	s.fail.Do(func() { s.failed = m.failed.WithLabelValues(s.vals...) })
-	return s.failed
-}
-
-// seriesCache maps a flow's label-determining inputs to its resolved series, so the hot path
-// computes and hashes the 23 label values once per label set instead of on every open and
-// close. Reads are lock-free (xsync); writes happen once per new label set.
+// seriesCache maps a flow's label-determining inputs to its series, so the hot path computes
+// and hashes the 23 label values once per label set instead of on every open and close.
+// Reads are lock-free (xsync); on a miss the series comes from Metrics' registry, under its
+// lock, once per label set and generation.
 //
 // Bounds: a generation belongs to a snapshot version. A flow from a newer snapshot starts a
 // new, empty generation, which drops the old one and with it the references to the old
 // snapshot's workloads; a full generation starts over too. Flows from an older snapshot still
 // use the current generation: their keys are exact (pointers into the snapshot they loaded),
-// so they cannot get another flow's labels. Dropping the cache does not drop series: the
-// label sets stay exported by the CounterVecs, as Prometheus expects of counters.
+// so they cannot get another flow's labels. Dropping the cache does not drop series: they
+// live in Metrics and keep counting and being exported, as Prometheus expects of counters.
 type seriesCache struct {
 	gen  atomic.Pointer[generation]
 	seed maphash.Seed
+	reg  *Metrics
 }
 
 type generation struct {
@@ -91,7 +63,8 @@ func (c *seriesCache) newGeneration(version uint64) *generation {
 	return &generation{version: version, m: xsync.NewMapOfWithHasher[seriesKey, *series](c.hash)}
 }
 
-func (c *seriesCache) init() {
+func (c *seriesCache) init(reg *Metrics) {
+	c.reg = reg
 	c.seed = maphash.MakeSeed()
 	c.gen.Store(c.newGeneration(0))
 }
@@ -146,7 +119,8 @@ func (c *seriesCache) get(f *stages.Flow) *series {
 	if g.n.Load() >= maxSeries {
 		g = c.replace(g, g.version)
 	}
-	s, loaded := g.m.LoadOrStore(k, &series{vals: labelValues(f)})
+	v := labelValues(f)
+	s, loaded := g.m.LoadOrStore(k, c.reg.series(&v))
 	if !loaded {
 		g.n.Add(1)
 	}

@@ -6,7 +6,6 @@ import (
 	"testing"
 
 	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/ztgo/ztgo/control/snapshot"
 	"github.com/ztgo/ztgo/stages"
@@ -14,13 +13,14 @@ import (
 	"github.com/ztgo/ztgo/tls/spiffe"
 )
 
-func newTelemetry(t testing.TB) (*Telemetry, *Metrics) {
+func newTelemetry(t testing.TB) (*Telemetry, *prometheus.Registry) {
 	t.Helper()
-	m, err := NewMetrics(prometheus.NewRegistry())
+	reg := prometheus.NewRegistry()
+	m, err := NewMetrics(reg)
 	if err != nil {
 		t.Fatal(err)
 	}
-	return New(m, nil), m
+	return New(m, nil), reg
 }
 
 // published returns n snapshots published in order (versions 1..n).
@@ -41,7 +41,7 @@ func published(t testing.TB, n int) []*snapshot.Snapshot {
 
 // Every kind of flow lands on the series its Labels name, through the cache.
 func TestCachedSeriesMatchLabels(t *testing.T) {
-	tel, m := newTelemetry(t)
+	tel, reg := newTelemetry(t)
 	inbound := flow()
 	inbound.Dir, inbound.SrcWorkload = stages.Inbound, nil
 	passthrough := flow()
@@ -56,25 +56,25 @@ func TestCachedSeriesMatchLabels(t *testing.T) {
 			tel.Closed(f, nil)
 		}
 		l := Labels(f)
-		if got := testutil.ToFloat64(m.opened.With(l)); got != 2 {
+		if got := value(t, reg, "opened", l); got != 2 {
 			t.Errorf("flow %d: opened = %v, want 2 (labels %v)", i, got, l)
 		}
-		if got := testutil.ToFloat64(m.received.With(l)); got != float64(20*(i+1)) {
+		if got := value(t, reg, "received", l); got != float64(20*(i+1)) {
 			t.Errorf("flow %d: received bytes = %v, want %d", i, got, 20*(i+1))
 		}
 	}
 	tel.Failed(denied)
-	if got := testutil.ToFloat64(m.failed.With(Labels(denied))); got != 1 {
+	if got := value(t, reg, "failed", Labels(denied)); got != 1 {
 		t.Errorf("failed = %v, want 1", got)
 	}
 	// A label set that only failed exports no opened series, and the reverse.
-	if n := testutil.CollectAndCount(m.opened); n != 3 {
+	if n := count(t, reg, "opened"); n != 3 {
 		t.Errorf("opened has %d series, want 3", n)
 	}
-	if n := testutil.CollectAndCount(m.failed); n != 1 {
+	if n := count(t, reg, "failed"); n != 1 {
 		t.Errorf("failed has %d series, want 1", n)
 	}
-	if testutil.ToFloat64(tel.open[stages.Outbound]) != 0 || testutil.ToFloat64(tel.open[stages.Inbound]) != 0 {
+	if value(t, reg, "open", prometheus.Labels{"reporter": "source"}) != 0 || value(t, reg, "open", prometheus.Labels{"reporter": "destination"}) != 0 {
 		t.Error("sockets open not back to 0")
 	}
 }
@@ -82,14 +82,14 @@ func TestCachedSeriesMatchLabels(t *testing.T) {
 // Equal workloads behind different pointers are different keys with the same labels: they
 // share one series.
 func TestCacheKeyedByPointerSharesSeries(t *testing.T) {
-	tel, m := newTelemetry(t)
+	tel, reg := newTelemetry(t)
 	a, b := flow(), flow()
 	if a.SrcWorkload == b.SrcWorkload {
 		t.Fatal("want distinct pointers")
 	}
 	tel.Opened(a)
 	tel.Opened(b)
-	if got := testutil.ToFloat64(m.opened.With(Labels(a))); got != 2 {
+	if got := value(t, reg, "opened", Labels(a)); got != 2 {
 		t.Fatalf("opened = %v, want 2", got)
 	}
 	if n := tel.cache.len(); n != 2 {
@@ -120,7 +120,7 @@ func TestCacheGenerationFollowsSnapshot(t *testing.T) {
 
 // The cache never holds more than maxSeries entries, whatever the flows.
 func TestCacheBounded(t *testing.T) {
-	tel, m := newTelemetry(t)
+	tel, reg := newTelemetry(t)
 	for i := range maxSeries + 100 {
 		f := flow()
 		f.Dir, f.SrcWorkload = stages.Inbound, nil
@@ -130,14 +130,14 @@ func TestCacheBounded(t *testing.T) {
 			t.Fatalf("cache holds %d entries, more than %d", n, maxSeries)
 		}
 	}
-	if n := testutil.CollectAndCount(m.failed); n != maxSeries+100 {
+	if n := count(t, reg, "failed"); n != maxSeries+100 {
 		t.Fatalf("failed has %d series, want every label set (%d) still exported", n, maxSeries+100)
 	}
 }
 
 // Concurrent flows over a few label sets and changing snapshots count exactly (run with -race).
 func TestCacheConcurrent(t *testing.T) {
-	tel, m := newTelemetry(t)
+	tel, reg := newTelemetry(t)
 	snaps := published(t, 4)
 	const goroutines, each = 8, 500
 	var wg sync.WaitGroup
@@ -158,11 +158,11 @@ func TestCacheConcurrent(t *testing.T) {
 	wg.Wait()
 	out, in := flow(), flow()
 	in.Dir = stages.Inbound
-	total := testutil.ToFloat64(m.closed.With(Labels(out))) + testutil.ToFloat64(m.closed.With(Labels(in)))
+	total := value(t, reg, "closed", Labels(out)) + value(t, reg, "closed", Labels(in))
 	if total != goroutines*each {
 		t.Fatalf("closed = %v, want %d", total, goroutines*each)
 	}
-	if got := testutil.ToFloat64(m.received.With(Labels(in))); got != goroutines*each/2 {
+	if got := value(t, reg, "received", Labels(in)); got != goroutines*each/2 {
 		t.Fatalf("inbound received bytes = %v, want %d", got, goroutines*each/2)
 	}
 }

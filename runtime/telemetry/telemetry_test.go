@@ -7,10 +7,10 @@ import (
 	"log/slog"
 	"net/netip"
 	"strings"
+	"sync/atomic"
 	"testing"
 
 	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/ztgo/ztgo/control/snapshot"
 	"github.com/ztgo/ztgo/stages"
@@ -59,20 +59,20 @@ func TestOpenedClosedFailed(t *testing.T) {
 	tel := New(m, slog.New(slog.NewTextHandler(&logs, nil)))
 	f := flow()
 	tel.Opened(f)
-	if got := testutil.ToFloat64(m.open.WithLabelValues("source")); got != 1 {
+	if got := value(t, reg, "open", prometheus.Labels{"reporter": "source"}); got != 1 {
 		t.Fatalf("sockets open = %v", got)
 	}
 	f.BytesSent.Add(100)
 	f.BytesRecv.Add(7)
 	tel.Closed(f, nil)
 	l := Labels(f)
-	if testutil.ToFloat64(m.received.With(l)) != 100 || testutil.ToFloat64(m.sent.With(l)) != 7 || testutil.ToFloat64(m.closed.With(l)) != 1 {
+	if value(t, reg, "received", l) != 100 || value(t, reg, "sent", l) != 7 || value(t, reg, "closed", l) != 1 {
 		t.Fatal("bytes or closed counters wrong")
 	}
 	f2 := flow()
 	f2.Fail(stages.FailDeny, errors.New("denied"))
 	tel.Failed(f2)
-	if testutil.ToFloat64(m.failed.With(Labels(f2))) != 1 {
+	if value(t, reg, "failed", Labels(f2)) != 1 {
 		t.Fatal("failed not counted with DENY flag")
 	}
 	out := logs.String()
@@ -103,16 +103,18 @@ func BenchmarkOpenedClosed(b *testing.B) {
 }
 
 // BenchmarkOpenedClosedParallel is the same on every CPU at once, on one label set: the case
-// where flows contend most.
+// where flows contend most. Each goroutine's flow has its own ID, as flows do.
 func BenchmarkOpenedClosedParallel(b *testing.B) {
 	m, err := NewMetrics(prometheus.NewRegistry())
 	if err != nil {
 		b.Fatal(err)
 	}
 	tel := New(m, nil)
+	var ids atomic.Uint64
 	b.ReportAllocs()
 	b.RunParallel(func(pb *testing.PB) {
 		f := flow()
+		f.ID = ids.Add(1)
 		f.BytesSent.Store(100)
 		f.BytesRecv.Store(7)
 		for pb.Next() {
