@@ -72,7 +72,7 @@ policies:
 // env is one cluster with two ztgo nodes: node-a learns its pods over ZDS from `ztgo
 // node-agent`, node-b runs the agent itself (--pods-dir).
 type env struct {
-	t                        *testing.T
+	t                        testing.TB
 	c                        *cluster.Cluster
 	bin, dir                 string
 	a, b                     *cluster.Node
@@ -93,7 +93,7 @@ var (
 )
 
 // ztgoBinary builds ./cmd/ztgo once per test binary: the nodes run the real program.
-func ztgoBinary(t *testing.T) string {
+func ztgoBinary(t testing.TB) string {
 	t.Helper()
 	buildOnce.Do(func() {
 		dir, err := os.MkdirTemp("", "ztgo-bin")
@@ -118,7 +118,7 @@ func ztgoBinary(t *testing.T) string {
 	return builtBin
 }
 
-func newEnv(t *testing.T) *env {
+func newEnv(t testing.TB) *env {
 	cluster.RequireRoot(t)
 	if _, err := exec.LookPath("curl"); err != nil {
 		t.Fatalf("curl is needed to play the unmodified client: %v", err)
@@ -239,7 +239,7 @@ func (e *env) startNode(n *cluster.Node) *cluster.Process {
 }
 
 // accessLog waits for a "connection complete" record of p matching every field of want.
-func accessLog(t *testing.T, p *cluster.Process, want map[string]string) map[string]any {
+func accessLog(t testing.TB, p *cluster.Process, want map[string]string) map[string]any {
 	t.Helper()
 	var rec map[string]any
 	_, err := p.WaitLog(ioTimeout, func(line string) bool {
@@ -290,7 +290,7 @@ func (s *server) Peers() []netip.AddrPort {
 	return append([]netip.AddrPort(nil), s.peers...)
 }
 
-func serveEcho(t *testing.T, ns *cluster.Namespace) *server {
+func serveEcho(t testing.TB, ns *cluster.Namespace) *server {
 	t.Helper()
 	ln, err := ns.Listen(ns.IP().String() + ":9090")
 	if err != nil {
@@ -314,7 +314,7 @@ func serveEcho(t *testing.T, ns *cluster.Namespace) *server {
 	return s
 }
 
-func serveHTTP(t *testing.T, ns *cluster.Namespace, name string) *server {
+func serveHTTP(t testing.TB, ns *cluster.Namespace, name string) *server {
 	t.Helper()
 	ln, err := ns.Listen(ns.IP().String() + ":8080")
 	if err != nil {
@@ -335,7 +335,7 @@ func serveHTTP(t *testing.T, ns *cluster.Namespace, name string) *server {
 
 // dial connects from inside a pod the way its app would: a plain socket, captured by the
 // pod's rules.
-func dial(t *testing.T, from *cluster.Namespace, dst netip.AddrPort) *net.TCPConn {
+func dial(t testing.TB, from *cluster.Namespace, dst netip.AddrPort) *net.TCPConn {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), ioTimeout)
 	defer cancel()
@@ -347,7 +347,7 @@ func dial(t *testing.T, from *cluster.Namespace, dst netip.AddrPort) *net.TCPCon
 }
 
 // roundTrip sends data and reads it back, checking every byte; the connection stays open.
-func roundTrip(t *testing.T, c *net.TCPConn, data []byte) {
+func roundTrip(t testing.TB, c *net.TCPConn, data []byte) {
 	t.Helper()
 	c.SetDeadline(time.Now().Add(ioTimeout))
 	defer c.SetDeadline(time.Time{})
@@ -367,7 +367,7 @@ func roundTrip(t *testing.T, c *net.TCPConn, data []byte) {
 }
 
 // echoOnce opens a connection, round-trips data, half-closes and waits for the server's FIN.
-func echoOnce(t *testing.T, from *cluster.Namespace, dst netip.AddrPort, data []byte) {
+func echoOnce(t testing.TB, from *cluster.Namespace, dst netip.AddrPort, data []byte) {
 	t.Helper()
 	c := dial(t, from, dst)
 	defer c.Close()
@@ -379,7 +379,7 @@ func echoOnce(t *testing.T, from *cluster.Namespace, dst netip.AddrPort, data []
 	}
 }
 
-func lastPeer(t *testing.T, s *server) netip.AddrPort {
+func lastPeer(t testing.TB, s *server) netip.AddrPort {
 	t.Helper()
 	p := s.Peers()
 	if len(p) == 0 {
