@@ -69,6 +69,10 @@ type Server struct {
 	ln      *net.UnixListener
 	cancel  context.CancelFunc
 	wg      sync.WaitGroup
+	// held counts, per pod, the connections that were sent an add and no del yet; changed
+	// is closed (and replaced) whenever a count drops. DelPod waits on them.
+	held    map[string]int
+	changed chan struct{}
 }
 
 // serverPod is a pod the server holds: fd is its own duplicate of the pod's netns.
@@ -99,7 +103,8 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("new zds server: %w", err)
 	}
-	return &Server{cfg: cfg, log: cfg.Logger, metrics: m, pods: map[string]*serverPod{}}, nil
+	return &Server{cfg: cfg, log: cfg.Logger, metrics: m, pods: map[string]*serverPod{},
+		held: map[string]int{}, changed: make(chan struct{})}, nil
 }
 
 // Start listens on the socket, replacing a stale socket file left by an earlier run, and
@@ -210,6 +215,12 @@ func (s *Server) AddPod(ctx context.Context, uid string, info zds.WorkloadInfo, 
 }
 
 // DelPod forgets the pod and queues a del to every connected client that was sent it.
+//
+// It returns once every connected client has acknowledged the delete (or dropped, or
+// delWait has passed), as istio-cni's node agent waits for ztunnel: the agent removes the
+// pod's capture rules next, and a proxy still serving the pod then would see its
+// connections' NAT vanish under them (a FIN or RST it sends after that never reaches a
+// client that came in through 15006).
 func (s *Server) DelPod(uid string) {
 	s.mu.Lock()
 	p := s.pods[uid]
@@ -218,6 +229,38 @@ func (s *Server) DelPod(uid string) {
 	s.mu.Unlock()
 	if p != nil {
 		_ = unix.Close(p.fd)
+	}
+	deadline := time.NewTimer(delWait)
+	defer deadline.Stop()
+	for {
+		s.mu.Lock()
+		n, ch := s.held[uid], s.changed
+		s.mu.Unlock()
+		if n == 0 {
+			return
+		}
+		select {
+		case <-ch:
+		case <-deadline.C:
+			s.log.Warn("zds clients did not confirm a pod delete in time", "uid", uid, "clients", n, "waited", delWait)
+			return
+		}
+	}
+}
+
+// delWait bounds how long DelPod waits for the clients' acks (the ZDS answer deadline).
+const delWait = 5 * time.Second
+
+// hold records that connection c now has (+1) or no longer has (-1) pod uid.
+func (s *Server) hold(uid string, delta int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.held[uid] += delta; s.held[uid] <= 0 {
+		delete(s.held, uid)
+	}
+	if delta < 0 {
+		close(s.changed)
+		s.changed = make(chan struct{})
 	}
 }
 
@@ -306,6 +349,9 @@ func (s *Server) accept(ctx context.Context) {
 // dropConn forgets a connection and wakes the others: if it was the newest, the next
 // newest now receives adds.
 func (s *Server) dropConn(c *serverConn) {
+	for uid := range c.sent {
+		s.hold(uid, -1)
+	}
 	s.mu.Lock()
 	s.conns = slices.DeleteFunc(s.conns, func(x *serverConn) bool { return x == c })
 	n := len(s.conns)
@@ -589,6 +635,9 @@ func (c *serverConn) add(uid string, k podKey) error {
 	if err != nil {
 		return err
 	}
+	if _, had := c.sent[uid]; !had {
+		c.s.hold(uid, +1)
+	}
 	if nack != "" {
 		c.sent[uid] = sentPod{podKey: k, retryAt: time.Now().Add(c.s.cfg.RetryInterval)}
 		log.Error("zds client NACKed pod add; will send it again", "error", nack, "retry_in", c.s.cfg.RetryInterval)
@@ -604,7 +653,10 @@ func (c *serverConn) del(uid string) error {
 	if err != nil {
 		return err
 	}
-	delete(c.sent, uid)
+	if _, had := c.sent[uid]; had {
+		delete(c.sent, uid)
+		c.s.hold(uid, -1)
+	}
 	if nack != "" {
 		c.log.Error("zds client NACKed pod delete", "uid", uid, "error", nack)
 	} else {

@@ -407,11 +407,24 @@ func TestPrivilegedServerProtocol(t *testing.T) {
 			t.Errorf("add resent after %v, before the retry interval", d)
 		}
 		r.ack("")
-		srv.DelPod("p")
+		// DelPod returns only once the client acknowledged the delete: the agent removes
+		// the pod's rules after it.
+		deleted := make(chan struct{})
+		go func() { srv.DelPod("p"); close(deleted) }()
 		if req, _ := r.read(); req.GetDel().GetUid() != "p" {
 			t.Fatalf("want del p, got %v", req)
 		}
+		select {
+		case <-deleted:
+			t.Fatal("DelPod returned before the client acknowledged the delete")
+		case <-time.After(50 * time.Millisecond):
+		}
 		r.ack("")
+		select {
+		case <-deleted:
+		case <-time.After(waitFor):
+			t.Fatal("DelPod still waiting after the ack")
+		}
 		if err := srv.AddPod(ctx, "p", info("p"), ns); err != nil {
 			t.Fatal(err)
 		}

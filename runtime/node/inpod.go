@@ -48,6 +48,8 @@ type pod struct {
 
 	dnsStop func()
 	loops   sync.WaitGroup
+	// relays counts the pod's established flows still relaying (added under Node.mu).
+	relays sync.WaitGroup
 	// missed is 1 + the snapshot version in which a wait for the pod's workload timed out:
 	// later connections of the pod fail at once until the mesh changes, so a pod the control
 	// plane does not know cannot hold the capture workers 5 s per connection.
@@ -218,6 +220,16 @@ func (p *pod) finish() {
 		}
 		return true
 	})
+	// The sockets really close (FIN or RST leave) once their relays let go of them. Wait for
+	// that, briefly: the caller (the node agent) removes the pod's rules next, and with the
+	// NAT gone a late FIN would no longer reach a client that came in through 15006.
+	relaysDone := make(chan struct{})
+	go func() { p.relays.Wait(); close(relaysDone) }()
+	select {
+	case <-relaysDone:
+	case <-time.After(time.Second):
+		n.log.Warn("pod removed with flows still closing", "uid", p.uid)
+	}
 	var conns []*hbone.Conn
 	n.mu.Lock()
 	for c, owner := range n.serverConns {

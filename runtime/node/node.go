@@ -800,11 +800,15 @@ func (n *Node) established(f *stages.Flow) {
 		n.failed(f)
 		return
 	}
-	if p, ok := f.Pod.(*pod); ok && p.isClosedLocked() {
+	p, _ := f.Pod.(*pod)
+	if p != nil && p.isClosedLocked() {
 		n.mu.Unlock()
 		f.Fail(stages.FailConnect, errors.New("pod removed"))
 		n.failed(f)
 		return
+	}
+	if p != nil {
+		p.relays.Add(1) // under mu, like closed: a removal waits for exactly these
 	}
 	// Add under mu: Stop sets stopping under mu before it waits, so no Add can follow the Wait.
 	n.relays.Add(1)
@@ -819,6 +823,9 @@ func (n *Node) established(f *stages.Flow) {
 	n.tel.Opened(f)
 	go func() {
 		defer n.relays.Done()
+		if p != nil {
+			defer p.relays.Done()
+		}
 		res := n.relay.Run(f.Down, f.Up, &f.BytesSent, &f.BytesRecv, func() {
 			f.FirstByte = time.Since(f.Trace.Established)
 			n.rec.ObserveFirstByte(f.Dir.String(), f.FirstByte)
