@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"math/rand/v2"
 	"net"
 	"net/netip"
@@ -260,7 +261,7 @@ func (p *pod) acceptCaptured(ln *net.TCPListener, dir stages.Direction) {
 	for {
 		c, err := ln.AcceptTCP()
 		if err != nil {
-			if p.acceptFailed(ln, err, &delay) {
+			if acceptRetry(p.ctx, n.log.With("uid", p.uid), ln, err, &delay) {
 				continue
 			}
 			return
@@ -287,19 +288,20 @@ func (p *pod) acceptCaptured(ln *net.TCPListener, dir stages.Direction) {
 	}
 }
 
-// acceptFailed handles an accept error: false ends the loop (the listener is closed);
-// otherwise (out of fds, ...) it waits, 5 ms doubling up to 1 s, and the loop goes on, so a
-// passing shortage does not leave the pod's traffic redirected to a listener nobody serves.
-func (p *pod) acceptFailed(ln net.Listener, err error, delay *time.Duration) bool {
-	if errors.Is(err, net.ErrClosed) || p.ctx.Err() != nil {
+// acceptRetry handles an accept error: false ends the accept loop (the listener is closed,
+// or ctx ended); otherwise (out of fds, ...) it waits, 5 ms doubling up to 1 s, and the loop
+// goes on, so a passing shortage does not leave traffic redirected to a listener nobody
+// serves.
+func acceptRetry(ctx context.Context, log *slog.Logger, ln net.Listener, err error, delay *time.Duration) bool {
+	if errors.Is(err, net.ErrClosed) || ctx.Err() != nil {
 		return false
 	}
 	*delay = min(max(2**delay, 5*time.Millisecond), time.Second)
-	p.n.log.Error("pod accept failed; retrying", "uid", p.uid, "addr", ln.Addr().String(), "error", err, "retry_in", *delay)
+	log.Error("accept failed; retrying", "addr", ln.Addr().String(), "error", err, "retry_in", *delay)
 	t := time.NewTimer(*delay)
 	defer t.Stop()
 	select {
-	case <-p.ctx.Done():
+	case <-ctx.Done():
 		return false
 	case <-t.C:
 		return true
@@ -309,30 +311,7 @@ func (p *pod) acceptFailed(ln net.Listener, err error, delay *time.Duration) boo
 // acceptHBONE serves the pod's 15008: mTLS presenting the pod's certificate, then HTTP/2.
 func (p *pod) acceptHBONE(ln *net.TCPListener) {
 	defer p.loops.Done()
-	n := p.n
-	var delay time.Duration
-	for {
-		c, err := ln.Accept()
-		if err != nil {
-			if p.acceptFailed(ln, err, &delay) {
-				continue
-			}
-			return
-		}
-		delay = 0
-		select {
-		case n.handshake <- struct{}{}:
-		case <-p.ctx.Done():
-			c.Close()
-			return
-		}
-		n.wg.Add(1)
-		go func() {
-			defer n.wg.Done()
-			defer func() { <-n.handshake }()
-			n.serveInbound(c, p)
-		}()
-	}
+	p.n.acceptHBONE(p.ctx, ln, p)
 }
 
 // Workload finds the pod's workload among this node's workloads by the name, namespace and

@@ -683,17 +683,26 @@ func (n *Node) acceptSOCKS(ln net.Listener) {
 
 func (n *Node) acceptInbound(ln net.Listener) {
 	defer n.wg.Done()
+	n.acceptHBONE(n.ctx, ln, nil)
+}
+
+// acceptHBONE serves an inbound HBONE listener, the node's on a workload address (p nil) or a
+// pod's 15008, until it closes or ctx ends. Handshakes run on their own goroutines, at most
+// cap(handshake) at once.
+func (n *Node) acceptHBONE(ctx context.Context, ln net.Listener, p *pod) {
+	var delay time.Duration
 	for {
 		c, err := ln.Accept()
 		if err != nil {
-			if n.ctx.Err() == nil && !errors.Is(err, net.ErrClosed) {
-				n.log.Error("inbound accept", "error", err)
+			if acceptRetry(ctx, n.log, ln, err, &delay) {
+				continue
 			}
 			return
 		}
+		delay = 0
 		select {
 		case n.handshake <- struct{}{}:
-		case <-n.ctx.Done():
+		case <-ctx.Done():
 			c.Close()
 			return
 		}
@@ -701,7 +710,7 @@ func (n *Node) acceptInbound(ln net.Listener) {
 		go func() {
 			defer n.wg.Done()
 			defer func() { <-n.handshake }()
-			n.serveInbound(c, nil)
+			n.serveInbound(c, p)
 		}()
 	}
 }
