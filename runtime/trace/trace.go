@@ -2,19 +2,55 @@
 //
 // Every flow carries a Record: for each stage it passes through, the time it entered the
 // stage's mailbox, the time a worker picked it up and the time the stage finished. When a flow
-// is finished (closed, or failed) the Recorder observes the per-stage durations into the
-// ztgo_stage_duration_seconds histogram and keeps the record in bounded rings: the most recent
-// flows, the slowest ones, the slowest of the last minute and the latest failures. It also
-// keeps a window of the last minute, per stage and direction, from which the admin dashboard
-// reads p50 and p99 per second (Window). All of it is bounded memory, whatever the load.
+// is finished (established, or failed) the Recorder observes the per-stage durations into the
+// ztgo_stage_duration_seconds and ztgo_stage_queue_seconds histograms and keeps the record in
+// bounded rings: the most recent flows, the slowest ones, the slowest of the last minute and
+// the latest failures. It also keeps a window of the last minute, per stage and direction,
+// from which the admin dashboard reads p50 and p99 per second (Window). All of it is bounded
+// memory, whatever the load.
+//
+// # Sharding
+//
+// Finish runs once per flow on every CPU, so on that path flows of different shards share no
+// lock and write no common cache line. The state is split into K shards, K the next power of
+// two at or above GOMAXPROCS within [2, 16]; a flow goes to shard ID & (K-1) (the pipeline
+// numbers flows from one counter, so consecutive flows spread over the shards), and
+// ObserveFirstByte, which has no ID, to a random one. Each shard, allocated on first use, has
+// its own mutex and its own:
+//
+//   - ring of recent records, ceil(size/K) of them: the size given to NewRecorder is a budget
+//     for the whole Recorder, not per shard;
+//   - failure ring (the last 32 failures of the shard) and all-time slowest records (the
+//     min(size, 64) slowest of the shard), so that the merged views are exact;
+//   - slowest records of each ten-second slot of the window (10 per slot);
+//   - share of each (stage, direction) histogram: plain bucket counts and a sum in integer
+//     nanoseconds, written under the shard's mutex (Finish holds it anyway) and padded to
+//     their own cache lines;
+//   - current second of each (stage, direction) window series.
+//
+// The failure, slowest and slowest-of-the-window sets are whole in every shard (a shard may
+// hold all of the Recorder's slowest), about 150 KiB a shard once full: that, not the recent
+// rings, is what grows with K.
+//
+// The one-minute window itself is kept once, under the Recorder's own mutex: a shard adds a
+// flow's work time to its current second and moves that second into the window when it sees
+// the next one (once per second per shard and series), or when a reader asks. A sample is
+// always in exactly one of the two places, so the window is exact and does not grow K-fold.
+// The same mutex guards the registry of (stage, direction) series, taken by a shard only the
+// first time it meets a series.
+//
+// Readers are rare (the admin server and its dashboard) and pay for the split: Recent and
+// Failures merge the shards newest first by the time Finish ran (monotonic, ties broken by
+// the higher flow ID), Slowest and SlowestWindow by duration; Window first moves every
+// shard's current second into the window. Each shard is locked in turn, never all at once.
+// The Prometheus collector adds the shards' counts up at scrape time. Slowest, Failures,
+// SlowestWindow, Window and the histograms give what a single lock would have given. So does
+// Recent for up to ceil(size/K) records; past that, when the latest flows went unevenly to
+// the shards, it skips the records a busier shard has dropped already.
 package trace
 
 import (
-	"sort"
-	"sync"
 	"time"
-
-	"github.com/prometheus/client_golang/prometheus"
 )
 
 // MaxSpans bounds the stages one record holds.
@@ -84,162 +120,4 @@ func (r *Record) Total() time.Duration {
 		end = r.spans[r.n-1].End
 	}
 	return end.Sub(r.Begin)
-}
-
-// Recorder aggregates finished records.
-type Recorder struct {
-	hist *prometheus.HistogramVec
-	wait *prometheus.HistogramVec
-	// now is time.Now, replaced in tests.
-	now func() time.Time
-
-	mu      sync.Mutex
-	recent  []Record
-	next    int
-	full    bool
-	slowest []Record // sorted, slowest first
-	size    int
-	nslow   int
-	series  []*series
-	slow    [slowSlots]slowSlot
-	fails   [failureRing]Record
-	nfail   int
-}
-
-// maxSlowest bounds the all-time slowest records kept (Slowest).
-const maxSlowest = 64
-
-// NewRecorder keeps the last size records and the min(size, 64) slowest ones, plus the window
-// of the last minute (Window, SlowestWindow) and the latest failures (Failures), and registers
-// its histograms on reg (if not nil).
-func NewRecorder(size int, reg prometheus.Registerer) (*Recorder, error) {
-	if size <= 0 {
-		size = 256
-	}
-	buckets := []float64{.00001, .000025, .00005, .0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10}
-	r := &Recorder{
-		hist: prometheus.NewHistogramVec(prometheus.HistogramOpts{
-			Name:    "ztgo_stage_duration_seconds",
-			Help:    "Time a connection spends in each stage of the pipeline (work, excluding mailbox wait).",
-			Buckets: buckets,
-		}, []string{"stage", "direction"}),
-		wait: prometheus.NewHistogramVec(prometheus.HistogramOpts{
-			Name:    "ztgo_stage_queue_seconds",
-			Help:    "Time a connection waits in a stage's mailbox before a worker takes it.",
-			Buckets: buckets,
-		}, []string{"stage", "direction"}),
-		now:    time.Now,
-		recent: make([]Record, size),
-		size:   size,
-		nslow:  min(size, maxSlowest),
-	}
-	r.slowest = make([]Record, 0, r.nslow)
-	if reg != nil {
-		if err := reg.Register(r.hist); err != nil {
-			return nil, err
-		}
-		if err := reg.Register(r.wait); err != nil {
-			return nil, err
-		}
-	}
-	return r, nil
-}
-
-// Finish observes rec's stages and keeps it in the rings and the window. rec is copied. It is
-// on every flow's completion path: in steady state it does not allocate.
-// ObserveFirstByte records how long an established flow waited for the first byte from the
-// server, as the "first_byte" stage of the stage histogram. It is kept out of the live
-// per-stage window: it includes the application's own response time, which would swamp the
-// proxy's setup stages in the stacked view.
-func (r *Recorder) ObserveFirstByte(direction string, d time.Duration) {
-	r.hist.WithLabelValues(StageFirstByte, direction).Observe(d.Seconds())
-}
-
-// StageFirstByte is the stage label of ObserveFirstByte.
-const StageFirstByte = "first_byte"
-
-func (r *Recorder) Finish(rec *Record) {
-	type obs struct {
-		s          *series
-		work, wait float64
-	}
-	var o [MaxSpans]obs
-	no := 0
-	now := r.now()
-	sec := now.Unix()
-	total := rec.Total()
-	r.mu.Lock()
-	for i, s := range rec.Spans() {
-		if s.End.IsZero() || s.Start.IsZero() {
-			continue
-		}
-		work := s.Work()
-		if se := r.lookup(s.Stage, rec.Direction, i); se != nil {
-			se.add(sec, int64(work))
-			o[no] = obs{se, work.Seconds(), s.Wait().Seconds()}
-			no++
-		} else {
-			// More (stage, direction) pairs than the window tracks: metrics only.
-			r.hist.WithLabelValues(s.Stage, rec.Direction).Observe(work.Seconds())
-			r.wait.WithLabelValues(s.Stage, rec.Direction).Observe(s.Wait().Seconds())
-		}
-	}
-	r.recent[r.next] = *rec
-	r.next++
-	if r.next == r.size {
-		r.next, r.full = 0, true
-	}
-	if rec.Outcome != "established" {
-		r.fails[r.nfail%failureRing] = *rec
-		r.nfail++
-	}
-	epoch := sec / slowSlotSeconds
-	r.slow[epoch%slowSlots].offer(epoch, now.UnixNano(), total, rec)
-	r.keepSlowest(total, rec)
-	r.mu.Unlock()
-	for _, x := range o[:no] {
-		x.s.work.Observe(x.work)
-		x.s.wait.Observe(x.wait)
-	}
-}
-
-// keepSlowest inserts rec into the sorted all-time slowest records if it belongs there.
-func (r *Recorder) keepSlowest(total time.Duration, rec *Record) {
-	n := len(r.slowest)
-	if n == r.nslow {
-		if total <= r.slowest[n-1].Total() {
-			return
-		}
-		n-- // the fastest drops out
-	} else {
-		r.slowest = r.slowest[:n+1]
-	}
-	i := sort.Search(n, func(i int) bool { return r.slowest[i].Total() < total })
-	copy(r.slowest[i+1:n+1], r.slowest[i:n])
-	r.slowest[i] = *rec
-}
-
-// Recent returns up to n of the latest records, newest first.
-func (r *Recorder) Recent(n int) []Record {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	count := r.next
-	if r.full {
-		count = r.size
-	}
-	n = min(n, count)
-	out := make([]Record, 0, n)
-	for i := 0; i < n; i++ {
-		idx := (r.next - 1 - i + r.size) % r.size
-		out = append(out, r.recent[idx])
-	}
-	return out
-}
-
-// Slowest returns up to n of the slowest records, slowest first.
-func (r *Recorder) Slowest(n int) []Record {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	n = min(n, len(r.slowest))
-	return append([]Record(nil), r.slowest[:n]...)
 }

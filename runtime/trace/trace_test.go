@@ -2,6 +2,7 @@ package trace
 
 import (
 	"math"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -245,11 +246,23 @@ func TestSlowestKeepsTheSlowest(t *testing.T) {
 	}
 }
 
+// BenchmarkFinish is Finish from one goroutine, over flows of consecutive IDs.
 func BenchmarkFinish(b *testing.B) {
 	r, err := NewRecorder(512, prometheus.NewRegistry())
 	if err != nil {
 		b.Fatal(err)
 	}
+	recs := benchRecords()
+	b.ReportAllocs()
+	b.ResetTimer()
+	for i := 0; b.Loop(); i++ {
+		r.Finish(recs[i%len(recs)])
+	}
+}
+
+// benchRecords are 64 established inbound flows through four stages, as BenchmarkFinish
+// finishes them.
+func benchRecords() []*Record {
 	recs := make([]*Record, 64)
 	for i := range recs {
 		t0 := time.Now()
@@ -263,9 +276,75 @@ func BenchmarkFinish(b *testing.B) {
 		rec.Established = rec.spans[3].End
 		recs[i] = rec
 	}
+	return recs
+}
+
+// BenchmarkFinishParallel is Finish from every CPU at once, as the node's stage workers
+// finish flows. Each goroutine finishes its own copies of the records under pseudo-random
+// flow IDs (the pipeline hands out IDs from one counter, so the flows a CPU finishes have
+// unrelated IDs).
+func BenchmarkFinishParallel(b *testing.B) {
+	r, err := NewRecorder(512, prometheus.NewRegistry())
+	if err != nil {
+		b.Fatal(err)
+	}
+	src := benchRecords()
+	var seed atomic.Uint64
 	b.ReportAllocs()
 	b.ResetTimer()
-	for i := 0; b.Loop(); i++ {
-		r.Finish(recs[i%len(recs)])
+	b.RunParallel(func(pb *testing.PB) {
+		recs := make([]Record, len(src))
+		for i := range recs {
+			recs[i] = *src[i]
+		}
+		x := seed.Add(0x9e3779b97f4a7c15) | 1
+		for i := 0; pb.Next(); i++ {
+			x ^= x << 13
+			x ^= x >> 7
+			x ^= x << 17
+			rec := &recs[i%len(recs)]
+			rec.ID = x
+			r.Finish(rec)
+		}
+	})
+}
+
+// BenchmarkObserveFirstByte is the first-byte observation every established flow makes.
+func BenchmarkObserveFirstByte(b *testing.B) {
+	r, err := NewRecorder(512, prometheus.NewRegistry())
+	if err != nil {
+		b.Fatal(err)
 	}
+	b.ReportAllocs()
+	b.RunParallel(func(pb *testing.PB) {
+		for i := 0; pb.Next(); i++ {
+			r.ObserveFirstByte("inbound", time.Duration(i%1000)*time.Microsecond)
+		}
+	})
+}
+
+// BenchmarkFinishParallelAffine is BenchmarkFinishParallel with every goroutine's flows in
+// one shard of their own: the best case, where a shard's cache lines stay with one CPU. The
+// gap to BenchmarkFinishParallel is what a flow costs when its shard was last written by
+// another CPU (its lines move over), which sharding by flow ID does not avoid.
+func BenchmarkFinishParallelAffine(b *testing.B) {
+	r, err := NewRecorder(512, prometheus.NewRegistry())
+	if err != nil {
+		b.Fatal(err)
+	}
+	src := benchRecords()
+	var g atomic.Uint64
+	b.ReportAllocs()
+	b.ResetTimer()
+	b.RunParallel(func(pb *testing.PB) {
+		recs := make([]Record, len(src))
+		id := g.Add(1)
+		for i := range recs {
+			recs[i] = *src[i]
+			recs[i].ID = id
+		}
+		for i := 0; pb.Next(); i++ {
+			r.Finish(&recs[i%len(recs)])
+		}
+	})
 }

@@ -5,8 +5,6 @@ import (
 	"math/bits"
 	"sort"
 	"time"
-
-	"github.com/prometheus/client_golang/prometheus"
 )
 
 // The window: what the admin dashboard shows of the last minute.
@@ -17,8 +15,15 @@ import (
 // true value, and memory is fixed: one series is about 60 KiB whatever the load. A series is
 // allocated the first time its (stage, direction) is seen, at most maxSeries of them.
 //
-// The slowest flows of the last minute are kept the same way: per ten-second slot, the
-// slowFlowsPerSlot slowest records.
+// The ring is kept once per series, under Recorder.mu, not per shard (it would weigh K times
+// as much). Each shard adds its flows to its own slot of the current second (entry.pend) and
+// merges that slot into the ring (flush) when a flow of a later second comes, or when Window
+// reads: once a second per shard and series. Histograms add up exactly, and a sample is in the
+// shard's slot or in the ring, never in both, so the window is what a single ring would hold.
+//
+// The slowest flows of the last minute are kept per shard: per ten-second slot, the
+// slowFlowsPerSlot slowest records of the shard; SlowestWindow takes the slowFlowsPerSlot
+// slowest of each slot over the shards, which are those of the Recorder.
 
 const (
 	// WindowSeconds is how far back the window reaches.
@@ -140,27 +145,63 @@ type histSlot struct {
 	h   hist
 }
 
-// series is one (stage, direction): its Prometheus observers (looked up once) and its window.
-type series struct {
-	stage, dir string
-	// pos is the lowest index the stage had in a record's spans: the pipeline order.
-	pos        int
-	work, wait prometheus.Observer
-	slots      [windowSlots]histSlot
+// window adds a work time of second sec to the shard's slot, after moving what the slot holds
+// of an earlier second into the ring; the shard's mu is held.
+func (e *entry) window(r *Recorder, sec, ns int64) {
+	p := e.pend
+	if p.sec != sec {
+		if p.h.n > 0 {
+			r.mu.Lock()
+			e.flushLocked(sec)
+			r.mu.Unlock()
+		}
+		p.sec = sec
+	}
+	p.h.add(ns)
 }
 
-func (s *series) add(sec, ns int64) {
-	sl := &s.slots[sec%windowSlots]
-	if sl.sec != sec {
-		sl.sec = sec
-		sl.h = hist{}
+// flushLocked moves the shard's slot into the series' ring, cur being the current second, and
+// the shard's pipeline position into the series'; the shard's mu and r.mu are held.
+func (e *entry) flushLocked(cur int64) {
+	e.s.pos = min(e.s.pos, e.pos)
+	p := e.pend
+	if p.h.n == 0 {
+		return
 	}
-	sl.h.add(ns)
+	sl := &e.s.win[p.sec%windowSlots]
+	switch {
+	case sl.sec == p.sec:
+	case sl.sec < p.sec || sl.sec > cur:
+		// The ring's slot holds an older second, or one ahead of the clock (which went back):
+		// either way stale, as a single ring would have overwritten it.
+		sl.sec, sl.h = p.sec, hist{}
+	default:
+		// The ring's slot already holds a later second of the present: this one (from a
+		// shard that had no flow for over a minute) is past the window.
+		p.h = hist{}
+		return
+	}
+	sl.h.merge(&p.h)
+	p.h = hist{}
+}
+
+// flush moves every shard's slots into the rings, cur being the current second.
+func (r *Recorder) flush(cur int64) {
+	r.eachShard(func(sh *shard) {
+		r.mu.Lock()
+		for _, e := range sh.entries {
+			if e.pend != nil {
+				e.flushLocked(cur)
+			}
+		}
+		r.mu.Unlock()
+	})
 }
 
 type slowEntry struct {
 	total time.Duration
 	done  int64 // unix nanoseconds of Finish
+	at    int64 // the order key of Finish (see Recorder.t0)
 	rec   Record
 }
 
@@ -171,7 +212,7 @@ type slowSlot struct {
 }
 
 // offer keeps rec if it is among the slot's slowest.
-func (s *slowSlot) offer(epoch, done int64, total time.Duration, rec *Record) {
+func (s *slowSlot) offer(epoch, done, at int64, total time.Duration, rec *Record) {
 	if s.epoch != epoch {
 		s.epoch, s.n = epoch, 0
 	}
@@ -187,26 +228,8 @@ func (s *slowSlot) offer(epoch, done int64, total time.Duration, rec *Record) {
 	for ; i > 0 && s.e[i-1].total < total; i-- {
 		s.e[i] = s.e[i-1]
 	}
-	s.e[i].total, s.e[i].done, s.e[i].rec = total, done, *rec
-}
-
-// lookup returns the series of (stage, dir), creating it if there is room; r.mu is held.
-func (r *Recorder) lookup(stage, dir string, pos int) *series {
-	for _, s := range r.series {
-		if s.stage == stage && s.dir == dir {
-			if pos < s.pos {
-				s.pos = pos
-			}
-			return s
-		}
-	}
-	if len(r.series) == maxSeries {
-		return nil
-	}
-	s := &series{stage: stage, dir: dir, pos: pos,
-		work: r.hist.WithLabelValues(stage, dir), wait: r.wait.WithLabelValues(stage, dir)}
-	r.series = append(r.series, s)
-	return s
+	e := &s.e[i]
+	e.total, e.done, e.at, e.rec = total, done, at, *rec
 }
 
 // WindowPoint is one step of a StageWindow.
@@ -241,14 +264,18 @@ func (r *Recorder) Window(step time.Duration) (end time.Time, out []StageWindow)
 	}
 	var res []sorted
 	var all, acc hist
+	r.flush(cur)
 	r.mu.Lock()
 	for _, s := range r.series {
+		if s.win == nil {
+			continue
+		}
 		all = hist{}
-		sw := StageWindow{Stage: s.stage, Direction: s.dir, Points: make([]WindowPoint, points)}
+		sw := StageWindow{Stage: s.key.stage, Direction: s.key.dir, Points: make([]WindowPoint, points)}
 		for p := range points {
 			acc = hist{}
 			for sec := first + int64(p)*stepSec; sec < first+int64(p+1)*stepSec; sec++ {
-				if sl := &s.slots[sec%windowSlots]; sl.sec == sec && sec > cur-WindowSeconds {
+				if sl := &s.win[sec%windowSlots]; sl.sec == sec && sec > cur-WindowSeconds {
 					acc.merge(&sl.h)
 				}
 			}
@@ -287,17 +314,23 @@ func (r *Recorder) SlowestWindow(n int) []Record {
 	now := r.now()
 	from := now.Add(-WindowSeconds * time.Second).UnixNano()
 	epoch := now.Unix() / slowSlotSeconds
-	var es []*slowEntry
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	for i := range r.slow {
-		s := &r.slow[i]
-		if s.epoch <= epoch-slowSlots || s.epoch > epoch {
-			continue
+	// The slots of the window, by index: each holds one epoch, the same in every shard.
+	var slots [slowSlots][][]slowEntry
+	r.eachShard(func(sh *shard) {
+		for i := range sh.slow {
+			s := &sh.slow[i]
+			if s.epoch <= epoch-slowSlots || s.epoch > epoch || s.n == 0 {
+				continue
+			}
+			slots[i] = append(slots[i], append([]slowEntry(nil), s.e[:s.n]...))
 		}
-		for j := 0; j < s.n; j++ {
-			if s.e[j].done >= from {
-				es = append(es, &s.e[j])
+	})
+	var es []*slowEntry
+	for i := range slots {
+		// The slot's slowest over the shards are its slowest: each shard kept its own.
+		for _, e := range merge(slots[i], slowFlowsPerSlot, slower) {
+			if e.done >= from {
+				es = append(es, e)
 			}
 		}
 	}
@@ -306,19 +339,6 @@ func (r *Recorder) SlowestWindow(n int) []Record {
 	out := make([]Record, n)
 	for i := range n {
 		out[i] = es[i].rec
-	}
-	return out
-}
-
-// Failures returns up to n of the latest records whose outcome is not "established", newest
-// first.
-func (r *Recorder) Failures(n int) []Record {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	n = max(0, min(n, r.nfail, failureRing))
-	out := make([]Record, 0, n)
-	for i := range n {
-		out = append(out, r.fails[(r.nfail-1-i)%failureRing])
 	}
 	return out
 }
