@@ -383,3 +383,50 @@ func sockaddr(ap netip.AddrPort) unix.Sockaddr {
 	}
 	return &unix.SockaddrInet6{Port: int(ap.Port()), Addr: a.As16()}
 }
+
+// DialUDP opens a UDP socket inside the pod namespace, marked, connected to dst: the DNS
+// proxy forwards a pod's queries from the pod, as ztunnel does, so upstream resolvers see
+// the pod and the pod's network path applies.
+func (f *SocketFactory) DialUDP(ctx context.Context, dst netip.AddrPort) (*net.UDPConn, error) {
+	var c net.Conn
+	err := f.ns.Do(func() error {
+		d := net.Dialer{Control: func(_, _ string, rc syscall.RawConn) error {
+			var serr error
+			if err := rc.Control(func(fd uintptr) { serr = f.setMark(int(fd)) }); err != nil {
+				return err
+			}
+			return serr
+		}}
+		var err error
+		c, err = d.DialContext(ctx, "udp", dst.String())
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("udp %s in %s: %w", dst, f.ns, err)
+	}
+	return c.(*net.UDPConn), nil
+}
+
+// DialContext is Dial and DialUDP behind net.Dialer's signature ("tcp" or "udp", with or
+// without a 4/6 suffix; address "ip:port"), for code that dials by network name.
+func (f *SocketFactory) DialContext(ctx context.Context, network, address string) (net.Conn, error) {
+	dst, err := netip.ParseAddrPort(address)
+	if err != nil {
+		return nil, fmt.Errorf("dial %s %s: want ip:port: %w", network, address, err)
+	}
+	switch network {
+	case "tcp", "tcp4", "tcp6":
+		c, err := f.Dial(ctx, dst)
+		if err != nil {
+			return nil, err // not a nil *TCPConn in a non-nil interface
+		}
+		return c, nil
+	case "udp", "udp4", "udp6":
+		c, err := f.DialUDP(ctx, dst)
+		if err != nil {
+			return nil, err
+		}
+		return c, nil
+	}
+	return nil, fmt.Errorf("dial %s %s: unsupported network", network, address)
+}

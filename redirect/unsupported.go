@@ -73,3 +73,13 @@ func (f *SocketFactory) DialTransparent(ctx context.Context, src netip.Addr, dst
 
 // Dup is only supported on Linux.
 func (n Netns) Dup() (Netns, error) { return Netns{}, ErrUnsupported }
+
+// DialUDP needs Linux.
+func (f *SocketFactory) DialUDP(ctx context.Context, dst netip.AddrPort) (*net.UDPConn, error) {
+	return nil, ErrUnsupported
+}
+
+// DialContext needs Linux.
+func (f *SocketFactory) DialContext(ctx context.Context, network, address string) (net.Conn, error) {
+	return nil, ErrUnsupported
+}

@@ -21,6 +21,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/net/dns/dnsmessage"
+
 	"github.com/ztgo/ztgo/e2e/cluster"
 	"github.com/ztgo/ztgo/e2e/meshtest"
 	"github.com/ztgo/ztgo/redirect"
@@ -83,6 +85,7 @@ type env struct {
 	httpOther, httpEcho      *server
 	rawOther, rawEcho, rawDB *server
 	rawExt                   *server
+	upstream                 *dnsUpstream
 	restarts                 int
 }
 
@@ -164,7 +167,10 @@ func newEnv(t testing.TB) *env {
 	e.writePod("pods-b", e.echo, "default", "echo")
 	e.writePod("pods-b", e.db, "prod", "db")
 	// The client pod's resolver: any address will do, the capture rules send DNS to ztgo.
-	e.resolvConf(e.client)
+	e.resolvConf(e.client.Namespace, dnsServer)
+	// node-a's resolver (what its ztgo forwards other names to) is on the external.
+	e.upstream = serveDNS(t, e.ext.Namespace)
+	e.resolvConf(e.a.Namespace, e.ext.IP().String())
 
 	e.agentA = e.start(e.a, "agent-a", "node-agent", "--pods-dir", filepath.Join(dir, "pods-a"),
 		"--uds", e.socket(), "--poll", "100ms")
@@ -198,13 +204,13 @@ func (e *env) writePod(dir string, p *cluster.Pod, ns, sa string) {
 }
 
 // resolvConf gives the pod a resolv.conf for programs run with `ip netns exec`.
-func (e *env) resolvConf(p *cluster.Pod) {
-	d := filepath.Join("/etc/netns", p.NetnsName())
+func (e *env) resolvConf(ns *cluster.Namespace, nameserver string) {
+	d := filepath.Join("/etc/netns", ns.NetnsName())
 	if err := os.MkdirAll(d, 0o755); err != nil {
 		e.t.Fatal(err)
 	}
 	e.t.Cleanup(func() { os.RemoveAll(d) })
-	conf := "nameserver " + dnsServer + "\nsearch default.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5 attempts:2 timeout:2\n"
+	conf := "nameserver " + nameserver + "\nsearch default.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5 attempts:2 timeout:2\n"
 	if err := os.WriteFile(filepath.Join(d, "resolv.conf"), []byte(conf), 0o644); err != nil {
 		e.t.Fatal(err)
 	}
@@ -333,6 +339,69 @@ func serveHTTP(t testing.TB, ns *cluster.Namespace, name string) *server {
 	return s
 }
 
+// dnsUpstream is a resolver outside the mesh: it answers every A query with externalAnswer
+// and records who asked.
+type dnsUpstream struct {
+	mu      sync.Mutex
+	askedBy []netip.Addr
+}
+
+const externalAnswer = "203.0.113.7"
+
+func (u *dnsUpstream) sources() []netip.Addr {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return append([]netip.Addr(nil), u.askedBy...)
+}
+
+func serveDNS(t testing.TB, ns *cluster.Namespace) *dnsUpstream {
+	t.Helper()
+	var pc *net.UDPConn
+	if err := ns.Netns().Do(func() error {
+		var err error
+		pc, err = net.ListenUDP("udp4", net.UDPAddrFromAddrPort(netip.AddrPortFrom(ns.IP(), 53)))
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { pc.Close() })
+	u := &dnsUpstream{}
+	go func() {
+		buf := make([]byte, 1500)
+		for {
+			n, from, err := pc.ReadFromUDPAddrPort(buf)
+			if err != nil {
+				return
+			}
+			var p dnsmessage.Parser
+			h, err := p.Start(buf[:n])
+			if err != nil {
+				continue
+			}
+			q, err := p.Question()
+			if err != nil {
+				continue
+			}
+			u.mu.Lock()
+			u.askedBy = append(u.askedBy, from.Addr())
+			u.mu.Unlock()
+			b := dnsmessage.NewBuilder(nil, dnsmessage.Header{ID: h.ID, Response: true, RecursionAvailable: true})
+			b.StartQuestions()
+			b.Question(q)
+			b.StartAnswers()
+			if q.Type == dnsmessage.TypeA {
+				b.AResource(dnsmessage.ResourceHeader{Name: q.Name, Class: dnsmessage.ClassINET, TTL: 30},
+					dnsmessage.AResource{A: netip.MustParseAddr(externalAnswer).As4()})
+			}
+			resp, err := b.Finish()
+			if err == nil {
+				pc.WriteToUDPAddrPort(resp, from)
+			}
+		}
+	}()
+	return u
+}
+
 // dial connects from inside a pod the way its app would: a plain socket, captured by the
 // pod's rules.
 func dial(t testing.TB, from *cluster.Namespace, dst netip.AddrPort) *net.TCPConn {
@@ -437,6 +506,25 @@ func TestPrivilegedInPod(t *testing.T) {
 		}
 		accessLog(t, e.ztgoA, map[string]string{"direction": "outbound", "dst.service": "echo.default.svc.cluster.local",
 			"src.identity": spiffe("default", "client")})
+	})
+
+	t.Run("DNS forwarded from inside the pod", func(t *testing.T) {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		out, err := client.Command(ctx, "getent", "ahostsv4", "www.example.org").CombinedOutput()
+		if err != nil || !strings.Contains(string(out), externalAnswer) {
+			t.Fatalf("getent www.example.org in the client pod: %v: %s (want the upstream's %s)", err, out, externalAnswer)
+		}
+		// The query left from the client pod (as ztunnel forwards), not from node-a.
+		srcs := e.upstream.sources()
+		if len(srcs) == 0 {
+			t.Fatal("the upstream resolver saw no query")
+		}
+		for _, a := range srcs {
+			if a != e.client.IP() {
+				t.Errorf("upstream resolver asked by %s, want the client pod %s", a, e.client.IP())
+			}
+		}
 	})
 
 	t.Run("service load balancing", func(t *testing.T) {

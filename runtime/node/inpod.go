@@ -116,7 +116,7 @@ func (n *Node) addPod(uid string, info zds.WorkloadInfo, ns redirect.Netns) erro
 	}
 	p.ctx, p.cancel = context.WithCancel(n.ctx)
 	if n.dns != nil {
-		if p.dnsStop, err = n.dns.Serve(lns.DNSTCP, lns.DNSUDP, p.dnsClient); err != nil {
+		if p.dnsStop, err = n.dns.Serve(lns.DNSTCP, lns.DNSUDP, p.dnsClient, sf.DialContext); err != nil {
 			p.cancel()
 			lns.Close()
 			ns.Close()

@@ -241,8 +241,8 @@ func (s *Server) Start() error {
 	s.tcp, s.udp = tcp, udp
 	s.wg.Add(2)
 	s.mu.Unlock()
-	go s.serveTCP(tcp, nil)
-	go s.serveUDP(udp, nil)
+	go s.serveTCP(tcp, nil, nil)
+	go s.serveUDP(udp, nil, nil)
 	s.log.Info("dns proxy listening", "addr", tcp.Addr().String(), "upstreams", s.upstreams)
 	return nil
 }
@@ -277,13 +277,19 @@ func (s *Server) Stop() {
 	s.wg.Wait()
 }
 
+// DialFunc opens a connection for a forwarded query, with net.Dialer.DialContext's signature.
+type DialFunc func(ctx context.Context, network, address string) (net.Conn, error)
+
 // Serve answers queries on listeners opened elsewhere (inside a pod's network namespace) until
 // the returned stop is called or the server stops. A non-nil client names, per query, the
 // address the query is answered for whatever its source address (the pod's own workload, as
 // ztunnel's per-pod DNS servers know theirs; an invalid address is an unknown client and
 // gets SERVFAIL); with nil the source address names the client. stop closes the listeners
 // and waits for their loops; queries in flight finish on their own.
-func (s *Server) Serve(tcp []*net.TCPListener, udp []*net.UDPConn, client func() netip.Addr) (stop func(), err error) {
+//
+// A non-nil dial opens the sockets of forwarded queries (inside the pod's namespace, as
+// ztunnel forwards a pod's queries from the pod); nil dials from ztgo's own namespace.
+func (s *Server) Serve(tcp []*net.TCPListener, udp []*net.UDPConn, client func() netip.Addr, dial DialFunc) (stop func(), err error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.done {
@@ -294,13 +300,13 @@ func (s *Server) Serve(tcp []*net.TCPListener, udp []*net.UDPConn, client func()
 		s.served[ln] = struct{}{}
 		s.wg.Add(1)
 		loops.Add(1)
-		go func() { defer loops.Done(); s.serveTCP(ln, client) }()
+		go func() { defer loops.Done(); s.serveTCP(ln, client, dial) }()
 	}
 	for _, pc := range udp {
 		s.served[pc] = struct{}{}
 		s.wg.Add(1)
 		loops.Add(1)
-		go func() { defer loops.Done(); s.serveUDP(pc, client) }()
+		go func() { defer loops.Done(); s.serveUDP(pc, client, dial) }()
 	}
 	var once sync.Once
 	return func() {
@@ -320,7 +326,7 @@ func (s *Server) Serve(tcp []*net.TCPListener, udp []*net.UDPConn, client func()
 	}, nil
 }
 
-func (s *Server) serveUDP(pc *net.UDPConn, client func() netip.Addr) {
+func (s *Server) serveUDP(pc *net.UDPConn, client func() netip.Addr, dial DialFunc) {
 	defer s.wg.Done()
 	buf := make([]byte, 65535)
 	for {
@@ -345,14 +351,14 @@ func (s *Server) serveUDP(pc *net.UDPConn, client func() netip.Addr) {
 			if client != nil {
 				from = client()
 			}
-			if resp := s.Handle(req, from, "udp"); resp != nil {
+			if resp := s.handle(req, from, "udp", dial); resp != nil {
 				pc.WriteToUDPAddrPort(resp, src)
 			}
 		}()
 	}
 }
 
-func (s *Server) serveTCP(ln net.Listener, client func() netip.Addr) {
+func (s *Server) serveTCP(ln net.Listener, client func() netip.Addr, dial DialFunc) {
 	defer s.wg.Done()
 	for {
 		c, err := ln.Accept()
@@ -381,7 +387,7 @@ func (s *Server) serveTCP(ln net.Listener, client func() netip.Addr) {
 		go func() {
 			defer s.wg.Done()
 			defer func() { <-s.sem }()
-			s.serveConn(c, client)
+			s.serveConn(c, client, dial)
 			s.mu.Lock()
 			delete(s.conns, c)
 			s.mu.Unlock()
@@ -392,7 +398,7 @@ func (s *Server) serveTCP(ln net.Listener, client func() netip.Addr) {
 
 // serveConn answers length-framed requests on c one after the other until the client
 // closes, a read takes longer than TCPRequestTimeout, or a frame is malformed.
-func (s *Server) serveConn(c net.Conn, client func() netip.Addr) {
+func (s *Server) serveConn(c net.Conn, client func() netip.Addr, dial DialFunc) {
 	var src netip.Addr
 	if client != nil {
 		src = client()
@@ -409,7 +415,7 @@ func (s *Server) serveConn(c net.Conn, client func() netip.Addr) {
 		if _, err := io.ReadFull(c, req); err != nil {
 			return
 		}
-		resp := s.Handle(req, src, "tcp")
+		resp := s.handle(req, src, "tcp", dial)
 		if resp == nil {
 			return
 		}
@@ -426,6 +432,10 @@ func (s *Server) serveConn(c net.Conn, client func() netip.Addr) {
 // Handle answers one request from src over proto ("udp" or "tcp"); nil means no answer (the
 // message is not a parsable query).
 func (s *Server) Handle(req []byte, src netip.Addr, proto string) []byte {
+	return s.handle(req, src, proto, nil)
+}
+
+func (s *Server) handle(req []byte, src netip.Addr, proto string, dial DialFunc) []byte {
 	var p dnsmessage.Parser
 	h, err := p.Start(req)
 	if err != nil || h.Response {
@@ -469,7 +479,7 @@ func (s *Server) Handle(req []byte, src netip.Addr, proto string) []byte {
 	s.m.requests.With(labels).Inc()
 	s.m.upstream.With(labels).Inc()
 	start := time.Now()
-	resp, err := s.forward(req, h.ID, proto)
+	resp, err := s.forward(req, h.ID, proto, dial)
 	s.m.duration.With(labels).Observe(time.Since(start).Seconds())
 	if err != nil {
 		s.m.failures.With(labels).Inc()
@@ -559,13 +569,13 @@ func reply(h dnsmessage.Header, q *dnsmessage.Question, rc dnsmessage.RCode, cna
 
 // forward sends req to the upstreams in turn over proto and returns the first response
 // that carries id.
-func (s *Server) forward(req []byte, id uint16, proto string) ([]byte, error) {
+func (s *Server) forward(req []byte, id uint16, proto string, dial DialFunc) ([]byte, error) {
 	if len(s.upstreams) == 0 {
 		return nil, errors.New("no upstream resolvers")
 	}
 	var errs []error
 	for _, u := range s.upstreams {
-		resp, err := exchange(u, proto, req, id, s.cfg.UpstreamTimeout)
+		resp, err := exchange(u, proto, req, id, s.cfg.UpstreamTimeout, dial)
 		if err == nil {
 			return resp, nil
 		}
@@ -574,11 +584,14 @@ func (s *Server) forward(req []byte, id uint16, proto string) ([]byte, error) {
 	return nil, errors.Join(errs...)
 }
 
-func exchange(addr, proto string, req []byte, id uint16, timeout time.Duration) ([]byte, error) {
+func exchange(addr, proto string, req []byte, id uint16, timeout time.Duration, dial DialFunc) ([]byte, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
-	var d net.Dialer
-	c, err := d.DialContext(ctx, proto, addr)
+	if dial == nil {
+		var d net.Dialer
+		dial = d.DialContext
+	}
+	c, err := dial(ctx, proto, addr)
 	if err != nil {
 		return nil, err
 	}

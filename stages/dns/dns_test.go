@@ -468,11 +468,11 @@ func TestServeListeners(t *testing.T) {
 	}
 	ln1, pc1 := listen("127.81.0.3")
 	ln2, pc2 := listen("127.81.0.4")
-	stop1, err := srv.Serve([]*net.TCPListener{ln1}, []*net.UDPConn{pc1}, func() netip.Addr { return clientIP })
+	stop1, err := srv.Serve([]*net.TCPListener{ln1}, []*net.UDPConn{pc1}, func() netip.Addr { return clientIP }, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := srv.Serve([]*net.TCPListener{ln2}, []*net.UDPConn{pc2}, nil); err != nil {
+	if _, err := srv.Serve([]*net.TCPListener{ln2}, []*net.UDPConn{pc2}, nil, nil); err != nil {
 		t.Fatal(err)
 	}
 	// The query comes from 127.81.0.9, not a workload: only the pod override makes it known.
@@ -502,7 +502,7 @@ func TestServeListeners(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("Stop hangs on served listeners")
 	}
-	if _, err := srv.Serve(nil, nil, nil); err == nil {
+	if _, err := srv.Serve(nil, nil, nil, nil); err == nil {
 		t.Error("Serve after Stop succeeded")
 	}
 }
