@@ -346,3 +346,45 @@ func TestCloseWhereScope(t *testing.T) {
 		t.Fatalf("closed connection reused (dials %d)", dials.Load())
 	}
 }
+
+// BenchmarkGet is the pool checkout of an established flow: a warm connection found by key,
+// a stream reserved and given back.
+func BenchmarkGet(b *testing.B) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			nc, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go hbone.ServeConn(nc, hbone.Config{Handler: func(s *hbone.Stream) { go s.Respond(200, nil) }})
+		}
+	}()
+	p, err := New(Config{Dial: func(ctx context.Context, k Key) (*hbone.Conn, error) {
+		nc, err := net.Dial("tcp", k.Dst.String())
+		if err != nil {
+			return nil, err
+		}
+		return hbone.NewClientConn(nc, hbone.Config{})
+	}, IdleTimeout: time.Minute})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer p.Close()
+	key := NewKey("spiffe://cluster.local/ns/a/sa/b", []string{"spiffe://cluster.local/ns/c/sa/d"},
+		netip.MustParseAddrPort(ln.Addr().String()), netip.MustParseAddr("127.0.0.1"))
+	ctx := context.Background()
+	b.ReportAllocs()
+	b.ResetTimer()
+	for range b.N {
+		c, err := p.Get(ctx, key)
+		if err != nil {
+			b.Fatal(err)
+		}
+		c.Unreserve()
+	}
+}

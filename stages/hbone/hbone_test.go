@@ -15,7 +15,7 @@ import (
 
 // pair starts a server Conn with handler on one end of a loopback TCP connection and returns a
 // client Conn on the other.
-func pair(t *testing.T, handler Handler, srvSet Settings) (*Conn, func() *Conn) {
+func pair(t testing.TB, handler Handler, srvSet Settings) (*Conn, func() *Conn) {
 	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -74,7 +74,7 @@ func echoHandler(s *Stream) {
 	}()
 }
 
-func connect(t *testing.T, c *Conn, authority string) *Stream {
+func connect(t testing.TB, c *Conn, authority string) *Stream {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()

@@ -213,12 +213,18 @@ func (s *Stream) WriteTo(w io.Writer) (int64, error) {
 	}
 }
 
+// keepChunkSlots is how many chunk pointers a drained stream keeps room for: enough for the
+// usual few chunks in flight without an allocation per refill, and nothing a burst grew
+// beyond that (an idle stream holds at most this small array).
+const keepChunkSlots = 4
+
 func (s *Stream) popChunkLocked() {
 	ch := s.chunks[0]
-	s.chunks[0] = nil
-	s.chunks = s.chunks[1:]
-	if len(s.chunks) == 0 {
-		s.chunks = s.chunks[:0:0]
+	n := copy(s.chunks, s.chunks[1:]) // keep the front of the array: appends reuse it
+	s.chunks[n] = nil
+	s.chunks = s.chunks[:n]
+	if n == 0 && cap(s.chunks) > keepChunkSlots {
+		s.chunks = nil
 	}
 	s.c.chunks.Put(ch)
 }
