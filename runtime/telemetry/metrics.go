@@ -16,27 +16,12 @@ import (
 	dto "github.com/prometheus/client_model/go"
 	"google.golang.org/protobuf/types/known/timestamppb"
 
+	shardpkg "github.com/ztgo/ztgo/runtime/shard"
 	"github.com/ztgo/ztgo/stages"
-)
-
-// Bounds of the number of shards of a series (see shardCount).
-const (
-	minShards = 2
-	maxShards = 16
 )
 
 // cacheLine is the size a shard is padded to: the line size of amd64 and of most arm64 cores.
 const cacheLine = 64
-
-// shardCount is the number of shards per series for procs CPUs: the next power of two at or
-// above procs, within [minShards, maxShards].
-func shardCount(procs int) int {
-	k := minShards
-	for k < procs && k < maxShards {
-		k <<= 1
-	}
-	return k
-}
 
 // shard is one cache line of a series' counters. Shards are allocated one by one, on first
 // use; a 64-byte object sits on a 64-byte boundary (the allocator's 64-byte size class), so
@@ -63,7 +48,7 @@ type openShard struct {
 // counter's label set is exported from its first count on, as a CounterVec child would be.
 type series struct {
 	vals [numLabels]string
-	// shards are indexed by flow ID; a nil shard has counted nothing yet.
+	// shards are indexed by Metrics.pick; a nil shard has counted nothing yet.
 	shards []atomic.Pointer[shard]
 	// established and failed are when the series first counted an established or a failed
 	// flow, in Unix nanoseconds (0: never). The opened/closed/bytes families are exported only
@@ -75,9 +60,9 @@ type series struct {
 	next *series
 }
 
-// shard returns the shard of flow id, allocating it on first use.
-func (s *series) shard(id uint64) *shard {
-	p := &s.shards[id&uint64(len(s.shards)-1)]
+// shard returns shard i, allocating it on first use.
+func (s *series) shard(i int) *shard {
+	p := &s.shards[i]
 	if sh := p.Load(); sh != nil {
 		return sh
 	}
@@ -132,13 +117,17 @@ var reporterNames = [numReporters]string{stages.Outbound.Reporter(), stages.Inbo
 
 // Metrics are Istio's TCP connection metrics. Metrics owns the series and exports them
 // through its own collector (not CounterVecs): each series is split into shards, one cache
-// line each, so concurrent flows of one label set do not write the same line; the shards are
-// summed when the metrics are collected.
+// line each, and a call counts in the shard its CPU last wrote (see pick), so concurrent
+// flows of one label set seldom write the same line; the shards are summed when the metrics
+// are collected.
 type Metrics struct {
 	opened, closed, failed, received, sent, open *prometheus.Desc
 
 	shards int
-	seed   maphash.Seed
+	// pick picks the shard a call counts in, of the series and of sockets: runtime/shard's
+	// Picker, so that a CPU keeps writing the same lines. What it picks never changes a sum.
+	pick func() int
+	seed maphash.Seed
 
 	// mu guards the registry: byHash, by the hash of the label values, and all, in creation
 	// order. The hot path takes it only for a label set its cache does not hold; Collect only
@@ -155,13 +144,13 @@ type Metrics struct {
 
 // NewMetrics registers the metrics on reg.
 func NewMetrics(reg prometheus.Registerer) (*Metrics, error) {
-	return newMetrics(reg, shardCount(runtime.GOMAXPROCS(0)))
+	return newMetrics(reg, shardpkg.Count(runtime.GOMAXPROCS(0)))
 }
 
-// newMetrics is NewMetrics with the number of shards per series (a power of two).
+// newMetrics is NewMetrics with the number of shards per series.
 func newMetrics(reg prometheus.Registerer, shards int) (*Metrics, error) {
-	if shards < 1 || shards&(shards-1) != 0 {
-		return nil, fmt.Errorf("telemetry: %d shards is not a power of two", shards)
+	if shards < 1 {
+		return nil, fmt.Errorf("telemetry: %d shards", shards)
 	}
 	counter := func(name, help string) *prometheus.Desc {
 		return prometheus.NewDesc(name, help, labelNames, nil)
@@ -175,6 +164,7 @@ func newMetrics(reg prometheus.Registerer, shards int) (*Metrics, error) {
 		open: prometheus.NewDesc("istio_tcp_sockets_open", "The current number of open proxied TCP connections",
 			[]string{"reporter"}, nil),
 		shards: shards,
+		pick:   shardpkg.NewPicker(shards).Pick,
 		seed:   maphash.MakeSeed(),
 		byHash: make(map[uint64]*series),
 	}
@@ -218,10 +208,10 @@ func (m *Metrics) series(v *[numLabels]string) *series {
 	return s
 }
 
-// openGauge is the istio_tcp_sockets_open shard of a flow.
-func (m *Metrics) openGauge(d stages.Direction, id uint64) *atomic.Int64 {
-	g := m.sockets[reporterOf(d)]
-	return &g[id&uint64(len(g)-1)].n
+// openGauge is shard i of the istio_tcp_sockets_open series of direction d. A flow may be
+// counted open in one shard and closed in another: a shard can go negative, the sum cannot.
+func (m *Metrics) openGauge(d stages.Direction, i int) *atomic.Int64 {
+	return &m.sockets[reporterOf(d)][i].n
 }
 
 // istioCollector exports Metrics.

@@ -4,6 +4,9 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"math/rand/v2"
+	"runtime"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -16,6 +19,7 @@ import (
 	"github.com/prometheus/common/expfmt"
 	"google.golang.org/protobuf/proto"
 
+	shardpkg "github.com/ztgo/ztgo/runtime/shard"
 	"github.com/ztgo/ztgo/stages"
 	"github.com/ztgo/ztgo/tls/spiffe"
 )
@@ -104,13 +108,32 @@ func newShardedTelemetry(t testing.TB, shards int) (*Telemetry, *prometheus.Regi
 	return New(m, nil), reg
 }
 
+// roundRobin is a deterministic picker: 0, 1, ..., k-1, 0, ... (safe for concurrent use).
+func roundRobin(k int) func() int {
+	var n atomic.Uint64
+	return func() int { return int((n.Add(1) - 1) % uint64(k)) }
+}
+
+// randomPicker picks any shard, with no affinity at all.
+func randomPicker(k int) func() int { return func() int { return rand.IntN(k) } }
+
+// NewMetrics makes one shard per CPU (see runtime/shard's Count), each with a picker of that
+// many; newMetrics refuses no shards.
 func TestShardCount(t *testing.T) {
-	for procs, want := range map[int]int{0: 2, 1: 2, 2: 2, 3: 4, 4: 4, 5: 8, 8: 8, 9: 16, 16: 16, 17: 16, 256: 16} {
-		if got := shardCount(procs); got != want {
-			t.Errorf("shardCount(%d) = %d, want %d", procs, got, want)
+	m, err := NewMetrics(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := shardpkg.Count(runtime.GOMAXPROCS(0))
+	if m.shards != want || len(m.sockets[reporterSource]) != want {
+		t.Errorf("%d shards, %d sockets shards; want %d", m.shards, len(m.sockets[reporterSource]), want)
+	}
+	for range 1000 {
+		if i := m.pick(); i < 0 || i >= want {
+			t.Fatalf("picked shard %d of %d", i, want)
 		}
 	}
-	for _, n := range []int{0, 3, 12} {
+	for _, n := range []int{0, -1} {
 		if _, err := newMetrics(nil, n); err == nil {
 			t.Errorf("newMetrics accepted %d shards", n)
 		}
@@ -132,7 +155,7 @@ func TestShardIsOneCacheLine(t *testing.T) {
 			t.Fatalf("shard at %#x is not on a cache line boundary", p)
 		}
 	}
-	m, err := newMetrics(nil, maxShards)
+	m, err := newMetrics(nil, shardpkg.MaxCount)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -144,11 +167,22 @@ func TestShardIsOneCacheLine(t *testing.T) {
 }
 
 // Many goroutines churning flows of one label set, with scrapes in between, count exactly
-// (run with -race).
+// (run with -race), with the Picker and with calls landing on random shards (a flow opened
+// in one shard and closed in another).
 func TestConcurrentFlowsOneLabelSet(t *testing.T) {
-	for _, shards := range []int{1, 2, maxShards} {
-		t.Run(fmt.Sprint(shards), func(t *testing.T) {
-			tel, reg := newShardedTelemetry(t, shards)
+	for _, tc := range []struct {
+		shards int
+		random bool
+	}{{1, false}, {2, false}, {shardpkg.MaxCount, false}, {3, true}, {shardpkg.MaxCount, true}} {
+		name := fmt.Sprint(tc.shards)
+		if tc.random {
+			name += "/random"
+		}
+		t.Run(name, func(t *testing.T) {
+			tel, reg := newShardedTelemetry(t, tc.shards)
+			if tc.random {
+				tel.m.pick = randomPicker(tc.shards)
+			}
 			base := flow()
 			const goroutines, each = 16, 500
 			var ids atomic.Uint64
@@ -199,73 +233,126 @@ func TestConcurrentFlowsOneLabelSet(t *testing.T) {
 	}
 }
 
-// Flows with consecutive IDs count on different shards, each shard its own cache line,
-// allocated when first used; the exported values are the sums.
-func TestFlowsSpreadOverShards(t *testing.T) {
+// Where a call counts is the picker's choice, not the flow's: a flow can be opened in one
+// shard and closed in another, a shard is allocated (its own cache line) only when a call
+// lands in it, and every exported value is the exact sum whatever the placement, a
+// sockets_open shard going negative included.
+func TestCallsOnAnyShardSumExactly(t *testing.T) {
 	const shards = 8
 	tel, reg := newShardedTelemetry(t, shards)
+	var script []int // the shards the next calls land in
+	tel.m.pick = func() int {
+		i := script[0]
+		script = script[1:]
+		return i
+	}
 	base := flow()
-	first := sameLabels(base, 0)
-	tel.Opened(first)
+	on := func(shards ...int) { script = append(script, shards...) }
 	s := tel.cache.get(base)
-	for i := 1; i < shards; i++ {
-		if s.shards[i].Load() != nil {
-			t.Fatalf("shard %d allocated before a flow used it", i)
+	allocated := func() (in []int) {
+		for i := range s.shards {
+			if s.shards[i].Load() != nil {
+				in = append(in, i)
+			}
 		}
+		return in
 	}
-	var open []*stages.Flow
-	for id := uint64(1); id < shards; id++ {
-		f := sameLabels(base, id)
-		tel.Opened(f)
-		open = append(open, f)
-	}
-	for i := range tel.m.sockets[reporterSource] {
-		if n := tel.m.sockets[reporterSource][i].n.Load(); n != 1 {
-			t.Errorf("sockets shard %d = %d, want 1", i, n)
+	sockets := func() (n []int64) {
+		for i := range tel.m.sockets[reporterSource] {
+			n = append(n, tel.m.sockets[reporterSource][i].n.Load())
 		}
+		return n
 	}
-	if got := value(t, reg, "open", prometheus.Labels{"reporter": "source"}); got != shards {
-		t.Errorf("sockets open = %v, want %d", got, shards)
+
+	// One flow of one ID, opened in shard 5 and closed in shard 2.
+	f := sameLabels(base, 7)
+	f.BytesSent.Store(11)
+	f.BytesRecv.Store(13)
+	on(5)
+	tel.Opened(f)
+	if got := allocated(); !slices.Equal(got, []int{5}) {
+		t.Fatalf("shards allocated after one call: %v, want [5]", got)
 	}
-	tel.Closed(first, nil)
-	for _, f := range open {
-		tel.Closed(f, nil)
+	on(2)
+	tel.Closed(f, nil)
+	if got, want := sockets(), []int64{0, 0, -1, 0, 0, 1, 0, 0}; !slices.Equal(got, want) {
+		t.Errorf("sockets shards = %v, want %v", got, want)
 	}
-	var wantBytes uint64
-	for id := uint64(shards); id < 3*shards; id++ {
-		f := sameLabels(base, id)
-		f.BytesSent.Store(int64(id))
-		wantBytes += id
-		tel.Opened(f)
-		tel.Closed(f, nil)
+	if got := value(t, reg, "open", prometheus.Labels{"reporter": "source"}); got != 0 {
+		t.Errorf("sockets open = %v, want 0", got)
+	}
+	if o, c := s.shards[5].Load().opened.Load(), s.shards[2].Load().closed.Load(); o != 1 || c != 1 {
+		t.Errorf("shard 5 opened %d, shard 2 closed %d; want 1 and 1", o, c)
+	}
+	if r := s.shards[2].Load().received.Load(); r != 11 {
+		t.Errorf("shard 2 received %d, want 11 (bytes count with the close)", r)
+	}
+
+	// Many flows of the same ID (the ID is irrelevant), all in shard 0, then the same flows
+	// again spread unevenly; some stay open, some fail.
+	var wantOpened, wantClosed, wantFailed, wantRecv, wantSent, wantOpen float64
+	wantOpened, wantClosed, wantRecv, wantSent = 1, 1, 11, 13
+	for n := range 40 {
+		g := sameLabels(base, 7)
+		g.BytesSent.Store(int64(n))
+		g.BytesRecv.Store(int64(2 * n))
+		open, close := 0, 0
+		if n >= 10 {
+			open, close = n%3, (n/2)%shards
+		}
+		on(open)
+		tel.Opened(g)
+		wantOpened++
+		if n%4 == 3 {
+			wantOpen++
+			continue
+		}
+		on(close)
+		tel.Closed(g, nil)
+		wantClosed++
+		wantRecv += float64(n)
+		wantSent += float64(2 * n)
+	}
+	denied := sameLabels(base, 7)
+	denied.Fail(stages.FailDeny, errors.New("denied"))
+	for _, i := range []int{6, 6, 6} {
+		on(i)
+		tel.Failed(denied)
+		wantFailed++
+	}
+	if len(script) != 0 {
+		t.Fatalf("%d picks left over: a call did not pick, or picked twice", len(script))
+	}
+	if got, want := allocated(), []int{0, 1, 2, 3, 4, 5, 6, 7}; !slices.Equal(got, want) {
+		t.Errorf("allocated shards %v, want %v", got, want)
 	}
 	lines := map[uintptr]int{}
 	for i := range s.shards {
-		sh := s.shards[i].Load()
-		if sh == nil {
-			t.Fatalf("shard %d never used", i)
-		}
-		if o, c := sh.opened.Load(), sh.closed.Load(); o != 3 || c != 3 {
-			t.Errorf("shard %d counted %d opened, %d closed; want 3 and 3", i, o, c)
-		}
-		line := uintptr(unsafe.Pointer(sh)) / cacheLine
+		line := uintptr(unsafe.Pointer(s.shards[i].Load())) / cacheLine
 		if j, ok := lines[line]; ok {
 			t.Errorf("shards %d and %d share a cache line", j, i)
 		}
 		lines[line] = i
 	}
 	l := Labels(base)
-	if got := value(t, reg, "opened", l); got != 3*shards {
-		t.Errorf("opened = %v, want %d", got, 3*shards)
+	for family, want := range map[string]float64{"opened": wantOpened, "closed": wantClosed,
+		"received": wantRecv, "sent": wantSent} {
+		if got := value(t, reg, family, l); got != want {
+			t.Errorf("%s = %v, want %v", family, got, want)
+		}
 	}
-	if got := value(t, reg, "closed", l); got != 3*shards {
-		t.Errorf("closed = %v, want %d", got, 3*shards)
+	if got := value(t, reg, "failed", Labels(denied)); got != wantFailed {
+		t.Errorf("failed = %v, want %v", got, wantFailed)
 	}
-	if got := value(t, reg, "received", l); got != float64(wantBytes) {
-		t.Errorf("received = %v, want %d", got, wantBytes)
+	if got := value(t, reg, "open", prometheus.Labels{"reporter": "source"}); got != wantOpen {
+		t.Errorf("sockets open = %v, want %v", got, wantOpen)
 	}
-	if got := value(t, reg, "open", prometheus.Labels{"reporter": "source"}); got != 0 {
-		t.Errorf("sockets open = %v, want 0", got)
+	negative := false
+	for _, n := range sockets() {
+		negative = negative || n < 0
+	}
+	if !negative {
+		t.Error("no sockets shard went negative: the test does not cover closing in another shard")
 	}
 }
 
@@ -468,25 +555,33 @@ func TestScrapeLints(t *testing.T) {
 	}
 }
 
-// Opening and closing a flow of a cached label set does not allocate.
+// Opening, closing and failing a flow of a cached label set does not allocate, shard
+// picking included.
 func TestOpenedClosedDoNotAllocate(t *testing.T) {
-	tel, _ := newShardedTelemetry(t, maxShards)
+	tel, _ := newShardedTelemetry(t, shardpkg.MaxCount)
+	picker := tel.m.pick
+	tel.m.pick = roundRobin(shardpkg.MaxCount)
 	base := flow()
-	flows := make([]*stages.Flow, 2*maxShards)
+	denied := flow()
+	denied.Fail(stages.FailDeny, errors.New("denied"))
+	flows := make([]*stages.Flow, 2*shardpkg.MaxCount)
 	for i := range flows {
 		flows[i] = sameLabels(base, uint64(i))
 		flows[i].BytesSent.Store(100)
-		tel.Opened(flows[i]) // allocates the series and its shards
+		tel.Opened(flows[i]) // allocates the series and all its shards
 		tel.Closed(flows[i], nil)
+		tel.Failed(denied)
 	}
+	tel.m.pick = picker
 	i := 0
 	if n := testing.AllocsPerRun(1000, func() {
 		f := flows[i%len(flows)]
 		i++
 		tel.Opened(f)
 		tel.Closed(f, nil)
+		tel.Failed(denied)
 	}); n != 0 {
-		t.Fatalf("%v allocations per opened and closed flow, want 0", n)
+		t.Fatalf("%v allocations per opened, closed and failed flow, want 0", n)
 	}
 }
 

@@ -12,12 +12,17 @@
 //
 // Concurrent flows must not contend either. Metrics owns its series instead of using
 // CounterVecs: a label set's counters are split into up to one shard per CPU (a power of two,
-// 2 to 16), each a 64-byte cache line of atomic counters allocated the first time a flow uses
-// it, and a flow counts in shard ID mod shards, so flows opened one after another count on
-// different lines. The istio_tcp_sockets_open gauge is sharded the same way. Collect sums the
-// shards. CounterVecs per shard would cost about 3 KB per family, label set and shard (a
-// child keeps its own label pairs); a series costs about 0.5 KB plus 64 bytes per shard in
-// use, as its label pairs are built per scrape instead.
+// 2 to 16), each a 64-byte cache line of atomic counters allocated the first time a call
+// lands in it. Opened, Closed and Failed count in the shard a runtime/shard Picker gives: the
+// one the CPU running the call (its P) last wrote, as far as the Go scheduler keeps a
+// goroutine on its P, so a shard's line mostly stays in one CPU's cache. (Shards chosen by
+// flow ID spread flows as well, but every CPU then writes every shard in turn, and the lines
+// move between CPUs on almost every call.) The istio_tcp_sockets_open gauge is sharded the
+// same way. Nothing depends on where a call lands: a flow may count as opened in one shard and
+// as closed in another (a sockets_open shard can go negative), and Collect sums the shards,
+// which is exact whatever the placement. CounterVecs per shard would cost about 3 KB per
+// family, label set and shard (a child keeps its own label pairs); a series costs about
+// 0.5 KB plus 64 bytes per shard in use, as its label pairs are built per scrape instead.
 package telemetry
 
 import (
@@ -176,8 +181,9 @@ func fill(side []string, w *snapshot.Workload) {
 func (t *Telemetry) Opened(f *stages.Flow) {
 	s := t.cache.get(f)
 	since(&s.established)
-	s.shard(f.ID).opened.Add(1)
-	t.m.openGauge(f.Dir, f.ID).Add(1)
+	i := t.m.pick()
+	s.shard(i).opened.Add(1)
+	t.m.openGauge(f.Dir, i).Add(1)
 	if t.log.Enabled(context.Background(), slog.LevelDebug) {
 		t.log.Debug("connection opened", t.attrs(f, 0)...)
 	}
@@ -187,7 +193,8 @@ func (t *Telemetry) Opened(f *stages.Flow) {
 func (t *Telemetry) Closed(f *stages.Flow, err error) {
 	s := t.cache.get(f)
 	since(&s.established)
-	sh := s.shard(f.ID)
+	i := t.m.pick()
+	sh := s.shard(i)
 	sh.closed.Add(1)
 	if n := f.BytesSent.Load(); n > 0 {
 		sh.received.Add(uint64(n))
@@ -195,7 +202,7 @@ func (t *Telemetry) Closed(f *stages.Flow, err error) {
 	if n := f.BytesRecv.Load(); n > 0 {
 		sh.sent.Add(uint64(n))
 	}
-	t.m.openGauge(f.Dir, f.ID).Add(-1)
+	t.m.openGauge(f.Dir, i).Add(-1)
 	level := slog.LevelInfo
 	if err != nil {
 		level = slog.LevelError
@@ -215,7 +222,7 @@ func (t *Telemetry) Closed(f *stages.Flow, err error) {
 func (t *Telemetry) Failed(f *stages.Flow) {
 	s := t.cache.get(f)
 	since(&s.failed)
-	s.shard(f.ID).failed.Add(1)
+	s.shard(t.m.pick()).failed.Add(1)
 	if !t.log.Enabled(context.Background(), slog.LevelWarn) {
 		return
 	}

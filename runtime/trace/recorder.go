@@ -2,7 +2,6 @@ package trace
 
 import (
 	"fmt"
-	"math/rand/v2"
 	"runtime"
 	"sort"
 	"strings"
@@ -12,27 +11,13 @@ import (
 	"unicode/utf8"
 
 	"github.com/prometheus/client_golang/prometheus"
-)
 
-// Bounds of the number of shards of a Recorder (see shardCount).
-const (
-	minShards = 2
-	maxShards = 16
+	shardpkg "github.com/ztgo/ztgo/runtime/shard"
 )
 
 // cacheLine is the line size of amd64 and of most arm64 cores: what the per-shard counters are
 // padded to.
 const cacheLine = 64
-
-// shardCount is the number of shards for procs CPUs: the next power of two at or above procs,
-// within [minShards, maxShards].
-func shardCount(procs int) int {
-	k := minShards
-	for k < procs && k < maxShards {
-		k <<= 1
-	}
-	return k
-}
 
 // maxSlowest bounds the all-time slowest records kept (Slowest).
 const maxSlowest = 64
@@ -50,6 +35,9 @@ type Recorder struct {
 	per    int // the records a shard's recent ring holds: ceil(size/K)
 	nslow  int // the all-time slowest records kept, per shard and in all
 	shards []atomic.Pointer[shard]
+	// pick picks the shard of a Finish or ObserveFirstByte: runtime/shard's Picker, so that a
+	// CPU keeps to the shard it last locked. What it picks never changes what the readers show.
+	pick func() int
 
 	workDesc, waitDesc *prometheus.Desc
 
@@ -68,13 +56,13 @@ type Recorder struct {
 // of the last minute (Window, SlowestWindow) and the latest failures (Failures), and registers
 // its histograms on reg (if not nil).
 func NewRecorder(size int, reg prometheus.Registerer) (*Recorder, error) {
-	return newRecorder(size, reg, shardCount(runtime.GOMAXPROCS(0)))
+	return newRecorder(size, reg, shardpkg.Count(runtime.GOMAXPROCS(0)))
 }
 
-// newRecorder is NewRecorder with k shards (a power of two).
+// newRecorder is NewRecorder with k shards.
 func newRecorder(size int, reg prometheus.Registerer, k int) (*Recorder, error) {
-	if k < 1 || k&(k-1) != 0 {
-		return nil, fmt.Errorf("trace: %d shards is not a power of two", k)
+	if k < 1 {
+		return nil, fmt.Errorf("trace: %d shards", k)
 	}
 	if size <= 0 {
 		size = 256
@@ -91,6 +79,7 @@ func newRecorder(size int, reg prometheus.Registerer, k int) (*Recorder, error) 
 		per:    (size + k - 1) / k,
 		nslow:  min(size, maxSlowest),
 		shards: make([]atomic.Pointer[shard], k),
+		pick:   shardpkg.NewPicker(k).Pick,
 		byKey:  make(map[seriesKey]*series),
 	}
 	if reg != nil {
@@ -145,9 +134,9 @@ func validUTF8(s string) string {
 	return strings.ToValidUTF8(s, "\uFFFD")
 }
 
-// shard returns the shard of flow id, allocating it on first use.
-func (r *Recorder) shard(id uint64) *shard {
-	p := &r.shards[id&uint64(len(r.shards)-1)]
+// shard returns shard i, allocating it on first use.
+func (r *Recorder) shard(i int) *shard {
+	p := &r.shards[i]
 	if sh := p.Load(); sh != nil {
 		return sh
 	}
@@ -159,15 +148,17 @@ func (r *Recorder) shard(id uint64) *shard {
 }
 
 // Finish observes rec's stages and keeps it in the rings and the window. rec is copied. It is
-// on every flow's completion path: it locks only the shard of rec.ID, and in steady state it
-// does not allocate.
+// on every flow's completion path: it locks only one shard, the one r.pick gives, and in
+// steady state it does not allocate.
 func (r *Recorder) Finish(rec *Record) {
+	total := rec.Total()
+	sh := r.shard(r.pick())
+	sh.mu.Lock()
+	// The clock is read under the shard's lock, so a shard's rings are in the order of their
+	// times, as the readers' merges need, whichever goroutines share the shard.
 	now := r.now()
 	sec := now.Unix()
 	at := int64(now.Sub(r.t0))
-	total := rec.Total()
-	sh := r.shard(rec.ID)
-	sh.mu.Lock()
 	for i := range rec.n {
 		s := &rec.spans[i]
 		if s.End.IsZero() || s.Start.IsZero() {
@@ -207,11 +198,10 @@ const StageFirstByte = "first_byte"
 // ObserveFirstByte records how long an established flow waited for the first byte from the
 // server, as the "first_byte" stage of the stage histogram. It is kept out of the live
 // per-stage window: it includes the application's own response time, which would swamp the
-// proxy's setup stages in the stacked view. Without the flow's ID, it counts in a shard
-// picked at random (from the runtime's per-thread generator, which shares nothing).
+// proxy's setup stages in the stacked view. It counts in the shard r.pick gives, as Finish.
 func (r *Recorder) ObserveFirstByte(direction string, d time.Duration) {
 	s := r.firstByteSeries(direction)
-	sh := r.shard(rand.Uint64())
+	sh := r.shard(r.pick())
 	sh.mu.Lock()
 	sh.part(s).work.observe(int64(d))
 	sh.mu.Unlock()

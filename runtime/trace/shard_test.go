@@ -6,8 +6,10 @@ import (
 	"math"
 	"math/rand/v2"
 	"reflect"
+	"runtime"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -16,18 +18,52 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil/promlint"
 	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"
+
+	shardpkg "github.com/ztgo/ztgo/runtime/shard"
 )
 
+// roundRobin is a deterministic picker: 0, 1, ..., k-1, 0, ... (safe for concurrent use):
+// calls spread over the shards as evenly as they can.
+func roundRobin(k int) func() int {
+	var n atomic.Uint64
+	return func() int { return int((n.Add(1) - 1) % uint64(k)) }
+}
+
+// onShards makes r's next calls (Finish, ObserveFirstByte) land in the given shards, in
+// order; one call more fails t.
+func onShards(t *testing.T, r *Recorder, shards ...int) {
+	r.pick = func() int {
+		if len(shards) == 0 {
+			t.Fatal("a call past the scripted shards")
+		}
+		i := shards[0]
+		shards = shards[1:]
+		return i
+	}
+}
+
+// NewRecorder makes one shard per CPU (see runtime/shard's Count), with a picker of that
+// many; newRecorder refuses no shards, and splits the recent records over the shards.
 func TestShardCount(t *testing.T) {
-	for procs, want := range map[int]int{0: 2, 1: 2, 2: 2, 3: 4, 4: 4, 5: 8, 8: 8, 9: 16, 16: 16, 17: 16, 256: 16} {
-		if got := shardCount(procs); got != want {
-			t.Errorf("shardCount(%d) = %d, want %d", procs, got, want)
+	r, err := NewRecorder(16, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := shardpkg.Count(runtime.GOMAXPROCS(0))
+	if len(r.shards) != want {
+		t.Errorf("%d shards, want %d", len(r.shards), want)
+	}
+	for range 1000 {
+		if i := r.pick(); i < 0 || i >= want {
+			t.Fatalf("picked shard %d of %d", i, want)
 		}
 	}
-	if _, err := newRecorder(8, nil, 3); err == nil {
-		t.Error("3 shards accepted")
+	for _, k := range []int{0, -1} {
+		if _, err := newRecorder(8, nil, k); err == nil {
+			t.Errorf("%d shards accepted", k)
+		}
 	}
-	r, err := newRecorder(100, nil, 8)
+	r, err = newRecorder(100, nil, 8)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -163,10 +199,12 @@ func scrape(t *testing.T, reg *prometheus.Registry) string {
 	return buf.String()
 }
 
-// TestShardsMergeExactly drives recorders of 1, 2, 8 and 16 shards through the same flows
+// TestShardsMergeExactly drives recorders of 1, 2, 3, 8 and 16 shards through the same flows
 // and checks that every reader, and the scrape, shows the same in all of them: what the
-// single-lock recorder showed. Flows are numbered in the order they finish, as the pipeline
-// numbers them, so Recent is exact too. With only coarse flows, the slowest are mostly ties.
+// single-lock recorder showed. Finish spreads the flows over the shards in turn, so Recent is
+// exact too; ObserveFirstByte lands anywhere. Flows are numbered in the order they finish,
+// as the pipeline numbers them (ties of the clock go to the higher ID). With only coarse
+// flows, the slowest are mostly ties.
 func TestShardsMergeExactly(t *testing.T) {
 	t.Run("mixed", func(t *testing.T) { testShardsMergeExactly(t, func(rng *rand.Rand) bool { return rng.IntN(2) == 0 }) })
 	t.Run("coarse", func(t *testing.T) { testShardsMergeExactly(t, func(*rand.Rand) bool { return true }) })
@@ -175,12 +213,13 @@ func TestShardsMergeExactly(t *testing.T) {
 func testShardsMergeExactly(t *testing.T, coarse func(*rand.Rand) bool) {
 	const size = 100
 	type rig struct {
-		r   *Recorder
-		reg *prometheus.Registry
-		c   *clock
+		r     *Recorder
+		reg   *prometheus.Registry
+		c     *clock
+		shard *int // where the next call lands, mod K
 	}
 	var rigs []rig
-	for _, k := range []int{1, 2, 8, 16} {
+	for _, k := range []int{1, 2, 3, 8, 16} {
 		reg := prometheus.NewRegistry()
 		r, err := newRecorder(size, reg, k)
 		if err != nil {
@@ -188,7 +227,9 @@ func testShardsMergeExactly(t *testing.T, coarse func(*rand.Rand) bool) {
 		}
 		c := &clock{time.Unix(50_000, 0)}
 		r.now = c.now
-		rigs = append(rigs, rig{r, reg, c})
+		shard := new(int)
+		r.pick = func() int { return *shard % k }
+		rigs = append(rigs, rig{r, reg, c, shard})
 	}
 	rng := rand.New(rand.NewPCG(1, 2))
 	reads := 0
@@ -204,9 +245,12 @@ func testShardsMergeExactly(t *testing.T, coarse func(*rand.Rand) bool) {
 			step = time.Duration(40+rng.IntN(60)) * time.Second
 		}
 		fb := time.Duration(rng.IntN(int(time.Second)))
+		fbShard := rng.IntN(48)
 		for _, g := range rigs {
 			g.c.t = g.c.t.Add(step)
+			*g.shard = int(id) // in turn
 			g.r.Finish(rec)
+			*g.shard = fbShard
 			g.r.ObserveFirstByte(rec.Direction, fb)
 		}
 		if id%500 == 0 || rng.IntN(300) == 0 {
@@ -237,10 +281,18 @@ func testShardsMergeExactly(t *testing.T, coarse func(*rand.Rand) bool) {
 	if reads < 15 {
 		t.Errorf("only %d reads", reads)
 	}
+	for _, g := range rigs {
+		for i := range g.r.shards {
+			if g.r.shards[i].Load() == nil {
+				t.Errorf("%d shards: shard %d never used", len(g.r.shards), i)
+			}
+		}
+	}
 }
 
-// With flows finishing in any order of their IDs, every reader is still exact but Recent,
-// which is exact up to ceil(size/K) records.
+// With flows finishing in any order of their IDs and landing unevenly on the shards (in runs
+// on one shard, as calls from one CPU do, switching at random), every reader is still exact
+// but Recent, which is exact up to ceil(size/K) records.
 func TestShardsMergeExactlyAnyOrder(t *testing.T) {
 	const size, k = 64, 8
 	one, _ := newRecorder(size, nil, 1)
@@ -248,6 +300,13 @@ func TestShardsMergeExactlyAnyOrder(t *testing.T) {
 	c := &clock{time.Unix(70_000, 0)}
 	one.now, many.now = c.now, c.now
 	rng := rand.New(rand.NewPCG(3, 4))
+	on := 0
+	many.pick = func() int {
+		if rng.IntN(6) == 0 {
+			on = rng.IntN(k)
+		}
+		return on
+	}
 	order := map[uint64]int{} // flow ID -> when it finished
 	for i := range 4000 {
 		rec := genFlow(rng, rng.Uint64())
@@ -300,13 +359,22 @@ func brief(v any) string {
 
 // TestConcurrentHistogramsExact finishes flows and observes first bytes from many goroutines
 // while others read, and checks the scrape against client_golang's HistogramVec fed the same
-// samples: the same buckets, counts and sums.
+// samples: the same buckets, counts and sums. The calls land where the Picker puts them, or
+// on random shards (no affinity at all).
 func TestConcurrentHistogramsExact(t *testing.T) {
-	const goroutines, perG = 8, 1500
+	t.Run("picker", func(t *testing.T) { testConcurrentHistogramsExact(t, false) })
+	t.Run("random", func(t *testing.T) { testConcurrentHistogramsExact(t, true) })
+}
+
+func testConcurrentHistogramsExact(t *testing.T, random bool) {
+	const goroutines, perG, k = 8, 1500, 4
 	reg := prometheus.NewRegistry()
-	r, err := newRecorder(256, reg, 4)
+	r, err := newRecorder(256, reg, k)
 	if err != nil {
 		t.Fatal(err)
+	}
+	if random {
+		r.pick = func() int { return rand.IntN(k) }
 	}
 	recs := make([][]*Record, goroutines)
 	fbs := make([][]time.Duration, goroutines)
@@ -416,10 +484,13 @@ func TestConcurrentHistogramsExact(t *testing.T) {
 	if want := uint64(2*spans + flows); observed != want {
 		t.Errorf("%d samples in all, want %d", observed, want)
 	}
+	if !random {
+		return
+	}
 	if n := len(r.Recent(1000)); n != 256 {
 		t.Errorf("Recent kept %d records, want 256", n)
 	}
-	// First bytes, which come without a flow ID, went to more than one shard.
+	// First bytes went to more than one shard.
 	fb := r.firstByteSeries("outbound")
 	spread := 0
 	r.eachShard(func(sh *shard) {
@@ -436,6 +507,7 @@ func TestConcurrentHistogramsExact(t *testing.T) {
 func TestSlowestKeepsTheFirstOfEquals(t *testing.T) {
 	for _, k := range []int{1, 4} {
 		r, _ := newRecorder(500, nil, k)
+		r.pick = roundRobin(k)
 		c := &clock{time.Unix(300_000, 0)}
 		r.now = c.now
 		for i := 1; i <= 300; i++ {
@@ -467,6 +539,7 @@ func TestWindowClockBack(t *testing.T) {
 	r, _ := newRecorder(16, nil, 2)
 	c := &clock{time.Unix(400_000, 0)}
 	r.now = c.now
+	onShards(t, r, 1, 0)
 	r.Finish(flow(1, "hbone", "outbound", time.Millisecond, "established"))
 	r.Window(time.Second)
 	c.t = c.t.Add(-windowSlots * time.Second) // the same slot of the ring
@@ -482,6 +555,7 @@ func TestWindowPipelineOrder(t *testing.T) {
 	r, _ := newRecorder(16, nil, 2)
 	c := &clock{time.Unix(200_000, 0)}
 	r.now = c.now
+	onShards(t, r, 1, 0, 1, 0)
 	through := func(id uint64, stages ...string) {
 		t0 := time.Unix(5000, 0)
 		rec := &Record{ID: id, Direction: "outbound", Begin: t0, Outcome: "established"}
@@ -592,9 +666,10 @@ func TestScrapeLint(t *testing.T) {
 }
 
 // Finish and ObserveFirstByte do not allocate once the shards and series exist, including
-// when a shard moves a second into the window.
+// when a shard moves a second into the window, and including the Picker.
 func TestFinishDoesNotAllocate(t *testing.T) {
-	r, err := newRecorder(64, prometheus.NewRegistry(), 4)
+	const k = 4
+	r, err := newRecorder(64, prometheus.NewRegistry(), k)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -604,10 +679,14 @@ func TestFinishDoesNotAllocate(t *testing.T) {
 	for _, rec := range recs {
 		rec.Outcome = "DENY" // through the failure rings too
 	}
+	picker, shard := r.pick, 0
+	r.pick = func() int { return shard }
 	for i := range 1000 {
+		shard = i % k // every shard meets every series
 		r.Finish(recs[i%len(recs)])
 		r.ObserveFirstByte("inbound", time.Millisecond)
 	}
+	r.pick = picker
 	i := 0
 	if n := testing.AllocsPerRun(1000, func() {
 		c.t = c.t.Add(300 * time.Millisecond)
@@ -628,6 +707,7 @@ func TestWindowIdleShard(t *testing.T) {
 	r, _ := newRecorder(16, nil, 2)
 	c := &clock{time.Unix(100_000, 0)}
 	r.now = c.now
+	onShards(t, r, 1, 0, 0, 1, 1, 0, 1)
 	r.Finish(flow(1, "hbone", "outbound", 3*time.Millisecond, "established")) // shard 1, second 0
 	c.t = c.t.Add(10 * time.Second)
 	r.Finish(flow(2, "hbone", "outbound", 5*time.Millisecond, "established")) // shard 0, second 10
@@ -638,8 +718,8 @@ func TestWindowIdleShard(t *testing.T) {
 	// 64 s after shard 1's flow, shard 0 fills the ring slot of that second; shard 1's old
 	// second (already moved by Window above) must not come back.
 	c.t = c.t.Add(54 * time.Second)
-	r.Finish(flow(4, "hbone", "outbound", 7*time.Millisecond, "established"))
-	r.Finish(flow(3, "hbone", "outbound", 9*time.Millisecond, "established"))
+	r.Finish(flow(4, "hbone", "outbound", 7*time.Millisecond, "established")) // shard 0
+	r.Finish(flow(3, "hbone", "outbound", 9*time.Millisecond, "established")) // shard 1
 	_, ws = r.Window(time.Second)
 	if len(ws) != 1 || ws[0].Count != 3 || ws[0].Points[59].Count != 2 || ws[0].Max != 9*time.Millisecond {
 		t.Fatalf("window after 64s = %+v", ws)
@@ -656,5 +736,92 @@ func TestWindowIdleShard(t *testing.T) {
 	_, ws = r.Window(time.Second)
 	if len(ws) != 1 || ws[0].Count != 2 || ws[0].Max != 4*time.Millisecond || ws[0].Points[58].Count != 1 {
 		t.Fatalf("window after an idle shard = %+v", ws)
+	}
+}
+
+// When the latest flows all land on one shard (one busy CPU), Recent is exact for the
+// ceil(size/K) records that shard holds; past them come the older records of the other
+// shards, still newest first.
+func TestRecentFromOneShard(t *testing.T) {
+	const size, k = 8, 4
+	r, _ := newRecorder(size, nil, k)
+	c := &clock{time.Unix(60_000, 0)}
+	r.now = c.now
+	r.pick = roundRobin(k)
+	for id := uint64(1); id <= 8; id++ { // two in every shard
+		c.t = c.t.Add(time.Millisecond)
+		r.Finish(flow(id, "hbone", "outbound", time.Millisecond, "established"))
+	}
+	r.pick = func() int { return 2 }
+	for id := uint64(9); id <= 14; id++ {
+		c.t = c.t.Add(time.Millisecond)
+		r.Finish(flow(id, "hbone", "outbound", time.Millisecond, "established"))
+	}
+	if got, want := ids(r.Recent(size)), []uint64{14, 13, 8, 6, 5, 4, 2, 1}; !slices.Equal(got, want) {
+		t.Errorf("Recent = %v, want %v", got, want)
+	}
+}
+
+// Goroutines finishing flows on the same shards at once, on the real clock, leave every
+// shard's rings in the order of their finish times (the merges of Recent, Failures and
+// Slowest rely on it): Finish reads the clock under the shard's lock.
+func TestConcurrentFinishKeepsShardOrder(t *testing.T) {
+	const goroutines, perG, k = 8, 5000, 2
+	r, err := newRecorder(256, nil, k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.pick = func() int { return rand.IntN(k) }
+	var wg sync.WaitGroup
+	for g := range goroutines {
+		wg.Go(func() {
+			for i := range perG {
+				outcome := "established"
+				if i%2 == 0 {
+					outcome = "DENY"
+				}
+				// Few distinct durations: many ties among the slowest.
+				r.Finish(flow(uint64(g*perG+i+1), "hbone", "outbound", time.Duration(i%3)*time.Millisecond, outcome))
+			}
+		})
+	}
+	wg.Wait()
+	inOrder := func(what string, shard int, at []int64) {
+		t.Helper()
+		for i := 1; i < len(at); i++ {
+			if at[i] < at[i-1] {
+				t.Fatalf("shard %d: %s out of finish order at %d of %d", shard, what, i, len(at))
+			}
+		}
+	}
+	for i := range r.shards {
+		sh := r.shards[i].Load()
+		if sh == nil {
+			t.Fatalf("shard %d never used", i)
+		}
+		sh.mu.Lock()
+		var recent, fails, ties []int64
+		for j := range len(sh.recent) { // oldest first: the ring is full
+			recent = append(recent, sh.recent[(sh.next+j)%len(sh.recent)].at)
+		}
+		for j := sh.nfail - failureRing; j < sh.nfail; j++ {
+			fails = append(fails, sh.fails[j%failureRing].at)
+		}
+		for j, e := range sh.slowest {
+			if j > 0 && e.total == sh.slowest[j-1].total {
+				ties = append(ties, sh.slowest[j-1].at, e.at)
+			}
+		}
+		sh.mu.Unlock()
+		inOrder("recent ring", i, recent)
+		inOrder("failure ring", i, fails)
+		if len(ties) == 0 {
+			t.Fatalf("shard %d: no ties among the slowest", i)
+		}
+		for j := 0; j < len(ties); j += 2 {
+			if ties[j+1] < ties[j] {
+				t.Fatalf("shard %d: of two as slow, the later finished comes first", i)
+			}
+		}
 	}
 }

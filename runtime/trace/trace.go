@@ -13,9 +13,13 @@
 //
 // Finish runs once per flow on every CPU, so on that path flows of different shards share no
 // lock and write no common cache line. The state is split into K shards, K the next power of
-// two at or above GOMAXPROCS within [2, 16]; a flow goes to shard ID & (K-1) (the pipeline
-// numbers flows from one counter, so consecutive flows spread over the shards), and
-// ObserveFirstByte, which has no ID, to a random one. Each shard, allocated on first use, has
+// two at or above GOMAXPROCS within [2, 16] (runtime/shard's Count). Finish and
+// ObserveFirstByte take the shard a runtime/shard Picker gives: the one the calling CPU (its P)
+// last took, as far as the Go scheduler keeps a goroutine on its P. So a shard's mutex and
+// lines mostly stay with one CPU, instead of moving between CPUs on almost every flow, as they
+// did when the flow ID chose the shard (BenchmarkFinishParallel on 2 CPUs: 330 ns a flow
+// then, 125 ns now). Nothing depends on which shard a call gets: the readers below are exact
+// (Recent within its bound) whatever the placement. Each shard, allocated on first use, has
 // its own mutex and its own:
 //
 //   - ring of recent records, ceil(size/K) of them: the size given to NewRecorder is a budget
@@ -40,13 +44,16 @@
 // first time it meets a series.
 //
 // Readers are rare (the admin server and its dashboard) and pay for the split: Recent and
-// Failures merge the shards newest first by the time Finish ran (monotonic, ties broken by
-// the higher flow ID), Slowest and SlowestWindow by duration; Window first moves every
-// shard's current second into the window. Each shard is locked in turn, never all at once.
-// The Prometheus collector adds the shards' counts up at scrape time. Slowest, Failures,
-// SlowestWindow, Window and the histograms give what a single lock would have given. So does
-// Recent for up to ceil(size/K) records; past that, when the latest flows went unevenly to
-// the shards, it skips the records a busier shard has dropped already.
+// Failures merge the shards newest first by the time Finish ran (monotonic, read under the
+// shard's mutex so that each shard's rings are in that order; ties broken by the higher flow
+// ID), Slowest and SlowestWindow by duration; Window first moves every shard's current second
+// into the window. Each shard is locked in turn, never all at once. The Prometheus collector
+// adds the shards' counts up at scrape time. Slowest, Failures, SlowestWindow, Window and the
+// histograms give what a single lock would have given. So does Recent for up to
+// ceil(size/K) records; past that, when the latest flows went unevenly to the shards, it skips
+// the records a busier shard has dropped already. With shards kept by CPU, that is the usual
+// case when the load is uneven over the CPUs (a single busy connection, say): Recent is then
+// exact for its first ceil(size/K) records only.
 package trace
 
 import (
