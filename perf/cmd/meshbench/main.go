@@ -3,13 +3,15 @@
 // Command meshbench measures ztgo against the direct loopback path in one run and prints a
 // markdown table of the medians and ratios.
 //
-//	go run ./perf/cmd/meshbench --ztgo ./bin/ztgo [--quick] [--out FILE] [--profile-dir DIR] [--only tp1,rtt1,...]
+//	go run ./perf/cmd/meshbench --ztgo ./bin/ztgo [--quick] [--out FILE] [--profile-dir DIR] [--only tp1,rtt1,idle,...]
 //
 // It starts two ztgo processes from the given binary on one mesh config (a client workload
 // 127.40.1.10 on node bench-a, a server workload 127.40.2.10 on node bench-b, both HBONE) and a
 // shared CA directory, and runs its own servers on 127.40.2.10: a sink, a source, an echo and a
-// server that writes one byte and closes. Every workload runs on two paths, interleaved round by
-// round (direct, ztgo, direct, ztgo ...):
+// server that writes one byte and closes; and, in a process of its own (the same executable with
+// MESHBENCH_IDLE_ECHO set), an echo with a small buffer for idle connections. Every workload
+// but the idle one runs on two paths, interleaved round by round (direct, ztgo, direct, ztgo
+// ...):
 //
 //   - direct: a client socket bound to 127.40.1.10 straight to 127.40.2.10:port;
 //   - ztgo: the same client socket to node a's SOCKS5 (CONNECT answered once the upstream is
@@ -19,6 +21,16 @@
 // on one connection, and new connections to a first byte, sequential and with 8 clients. It
 // also records the nodes' RSS and their CPU time per GB moved and per connection, and, with
 // --profile-dir, CPU profiles of both nodes during an extra 1-stream throughput run.
+//
+// Idle connections (idle) run once, through ztgo only (memory per proxied connection has no
+// direct counterpart), before the rounds: 10,000 connections (quick: 2,000), each with one
+// small round trip to the idle echo, are left open while both nodes' RSS settles; the report
+// gives each node's (RSS after - RSS before) / N against the 4 KB target, and the same for the
+// Go heap and goroutine stacks in use (from each node's /metrics) and its goroutines. With --profile-dir it also takes heap profiles of both nodes while the
+// connections are idle. The bench raises its RLIMIT_NOFILE to the hard limit (and above it
+// when it must and may), which the nodes and the echo process inherit, and checks every
+// process's open files against its limit before opening; should a process run out anyway,
+// the workload fails with each one's open files and limit.
 //
 // Performance targets are ratios measured side by side on the same machine in the same run
 // (shared/spec/performance.md); the table marks each as met or missed. Every wait is bounded;
@@ -51,16 +63,20 @@ type plan struct {
 	rttCount int           // round trips per size per round
 	connDur  time.Duration // sequential connection run
 	conn8Dur time.Duration // 8-client connection run
-	// limit is the watchdog for the whole run, above the planned time (quick ~55 s, full
-	// ~4.6 min, +11 s with --profile-dir) so that only a hang or a badly slowed machine hits it.
+	idleN    int           // idle connections
+	idleMax  time.Duration // bound of the idle-connection workload
+	// limit is the watchdog for the whole run, above the planned time (quick ~65 s, full
+	// ~5 min, +11 s with --profile-dir) so that only a hang or a badly slowed machine hits it.
 	limit time.Duration
 }
 
 var (
 	quickPlan = plan{name: "quick", rounds: 3, tpDur: 2 * time.Second, tpWarm: 100 * time.Millisecond,
-		rttCount: 2000, connDur: 2 * time.Second, conn8Dur: 500 * time.Millisecond, limit: 90 * time.Second}
+		rttCount: 2000, connDur: 2 * time.Second, conn8Dur: 500 * time.Millisecond,
+		idleN: 2000, idleMax: 30 * time.Second, limit: 2 * time.Minute}
 	fullPlan = plan{name: "full", rounds: 7, tpDur: 5 * time.Second, tpWarm: 100 * time.Millisecond,
-		rttCount: 10000, connDur: 1500 * time.Millisecond, conn8Dur: time.Second, limit: 6 * time.Minute}
+		rttCount: 10000, connDur: 1500 * time.Millisecond, conn8Dur: time.Second,
+		idleN: 10000, idleMax: time.Minute, limit: 7 * time.Minute}
 )
 
 const (
@@ -69,17 +85,20 @@ const (
 )
 
 func main() {
+	if os.Getenv(idleEchoEnv) != "" {
+		os.Exit(idleEchoMain())
+	}
 	os.Exit(run())
 }
 
 func run() int {
 	var (
 		bin        = flag.String("ztgo", "./bin/ztgo", "ztgo binary to run (make build)")
-		quick      = flag.Bool("quick", false, "3 rounds, 2 s windows (< 60 s); default: 7 rounds, 5 s windows (< 5 min)")
+		quick      = flag.Bool("quick", false, "3 rounds, 2 s windows, 2,000 idle connections (~65 s); default: 7 rounds, 5 s windows, 10,000 idle connections (~5 min)")
 		out        = flag.String("out", "", "also write the markdown report to this file")
-		profileDir = flag.String("profile-dir", "", "write CPU profiles of both nodes here, taken during two extra runs through ztgo: 1-stream throughput (throughput-node-{a,b}.pprof) and new connections from 8 clients (connrate-node-{a,b}.pprof)")
+		profileDir = flag.String("profile-dir", "", "write CPU profiles of both nodes here, taken during two extra runs through ztgo: 1-stream throughput (throughput-node-{a,b}.pprof) and new connections from 8 clients (connrate-node-{a,b}.pprof), unless only idle runs; and heap profiles while the idle connections are open (idle-heap-node-{a,b}.pprof)")
 		keep       = flag.Bool("keep", false, "keep the temp dir (mesh, CA, node logs)")
-		only       = flag.String("only", "", "run only these workloads, comma-separated: tp1, tp1r, tp8, rtt1, rtt1k, conn, conn8 (default: all)")
+		only       = flag.String("only", "", "run only these workloads, comma-separated: tp1, tp1r, tp8, rtt1, rtt1k, conn, conn8, idle (default: all)")
 	)
 	flag.Parse()
 	if flag.NArg() > 0 {
@@ -138,8 +157,9 @@ type bench struct {
 	began      time.Time
 
 	srv      *servers
-	nodes    nodeSet // running nodes (cleared once stopped)
-	started  nodeSet // every node started, for their logs
+	idleSrv  *idleEcho // the idle echo process, when idle runs
+	nodes    nodeSet   // running nodes (cleared once stopped)
+	started  nodeSet   // every node started, for their logs
 	direct   path
 	ztgo     path
 	notes    []string
@@ -147,7 +167,17 @@ type bench struct {
 }
 
 // workloadNames are the workloads --only selects from.
-var workloadNames = []string{"tp1", "tp1r", "tp8", "rtt1", "rtt1k", "conn", "conn8"}
+var workloadNames = []string{"tp1", "tp1r", "tp8", "rtt1", "rtt1k", "conn", "conn8", "idle"}
+
+// rounded reports whether any workload that runs in rounds is selected.
+func (b *bench) rounded() bool {
+	for _, w := range workloadNames {
+		if w != "idle" && b.runs(w) {
+			return true
+		}
+	}
+	return false
+}
 
 func (b *bench) runs(workload string) bool { return len(b.only) == 0 || b.only[workload] }
 
@@ -170,6 +200,13 @@ func (b *bench) run(ctx context.Context) (text string, err error) {
 	}
 	m.loadStart = loadAvg()
 	logf("%s mode, %d rounds; %s, %d cores, kernel %s, %s; ztgo %s", b.pl.name, b.pl.rounds, m.cpuModel, m.cores, m.kernel, m.goVersion, m.ztgo)
+	// Before the nodes start, so that they inherit it (syscall.Setrlimit also stops os/exec
+	// from restoring the original soft limit in children).
+	lim, err := raiseNoFile(uint64(b.pl.idleN + 4*fdHeadroom))
+	if err != nil {
+		return "", err
+	}
+	logf("RLIMIT_NOFILE %d (hard %d), inherited by the nodes", lim.Cur, lim.Max)
 
 	dir, err := os.MkdirTemp("", "meshbench-")
 	if err != nil {
@@ -189,6 +226,12 @@ func (b *bench) run(ctx context.Context) (text string, err error) {
 		return "", err
 	}
 	defer b.srv.close()
+	if b.runs("idle") {
+		if b.idleSrv, err = startIdleEcho(); err != nil {
+			return "", err
+		}
+		defer b.idleSrv.stop()
+	}
 
 	// Node a first: it creates the CA in the empty directory; node b then loads the same one.
 	defer func() { err = errors.Join(err, b.stopNodes()) }()
@@ -224,12 +267,22 @@ func (b *bench) run(ctx context.Context) (text string, err error) {
 		return "", err
 	}
 
+	if b.runs("idle") {
+		// First: on fresh nodes, memory freed by earlier workloads and not yet returned to the
+		// OS cannot absorb the connections' memory and hide it from the RSS.
+		if err := b.idle(ctx); err != nil {
+			return "", fmt.Errorf("idle connections: %w", err)
+		}
+	}
 	for r := range b.pl.rounds {
+		if !b.rounded() {
+			break
+		}
 		if err := b.round(ctx, r); err != nil {
 			return "", err
 		}
 	}
-	if b.profileDir != "" {
+	if b.profileDir != "" && b.rounded() {
 		if err := b.profile(ctx); err != nil {
 			return "", err
 		}
@@ -245,6 +298,9 @@ func (b *bench) run(ctx context.Context) (text string, err error) {
 		b.problems = append(b.problems, err.Error())
 	}
 	b.problems = append(b.problems, b.srv.errors()...)
+	if b.idleSrv != nil {
+		b.problems = append(b.problems, b.idleSrv.errors()...)
+	}
 	b.notes = append(b.notes, b.nodeLogNotes()...)
 	m.loadEnd = loadAvg()
 	text = report(b.pl, m, b.res, b.began, time.Since(b.began), b.notes, b.problems)
@@ -288,6 +344,85 @@ func (b *bench) recordMem(rssKey, hwmKey string) error {
 	}
 	logf("ztgo RSS (%s): %.1f MiB for both nodes", rssKey, float64(rss)/1024)
 	return nil
+}
+
+// raiseNoFile raises this process's soft RLIMIT_NOFILE to its hard limit, and both to want
+// when the hard limit is lower and the process may raise it (CAP_SYS_RESOURCE); it returns the
+// limit in force. Processes started afterwards inherit it.
+func raiseNoFile(want uint64) (syscall.Rlimit, error) {
+	var lim syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+		return lim, fmt.Errorf("getrlimit RLIMIT_NOFILE: %w", err)
+	}
+	if lim.Max < want {
+		up := syscall.Rlimit{Cur: want, Max: want}
+		if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &up); err == nil {
+			return up, nil
+		}
+		// Not allowed: the hard limit stays, and a workload that needs more says so.
+	}
+	lim.Cur = lim.Max
+	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+		return lim, fmt.Errorf("setrlimit RLIMIT_NOFILE to %d: %w", lim.Max, err)
+	}
+	return lim, nil
+}
+
+// idle runs the idle-connection workload through ztgo and records each node's memory.
+func (b *bench) idle(ctx context.Context) error {
+	s, err := idleConns(ctx, b.ztgo, b.pl.idleN, b.pl.idleMax, b.idleSrv, b.nodes, b.profileDir)
+	if err != nil {
+		return err
+	}
+	if err := b.nodes.alive(); err != nil {
+		return err
+	}
+	b.res.add("idle.n", "ztgo", float64(s.n))
+	for i := range b.nodes {
+		suffix := []string{".a", ".b"}[i]
+		b.res.add("idle.rss.before"+suffix, "ztgo", float64(s.rss0[i]))
+		b.res.add("idle.rss.after"+suffix, "ztgo", float64(s.rss1[i]))
+		b.res.add("idle.heap.before"+suffix, "ztgo", s.mem0[i].heapInuse)
+		b.res.add("idle.heap.after"+suffix, "ztgo", s.mem1[i].heapInuse)
+		b.res.add("idle.stack.before"+suffix, "ztgo", s.mem0[i].stackInuse)
+		b.res.add("idle.stack.after"+suffix, "ztgo", s.mem1[i].stackInuse)
+		b.res.add("idle.gr.before"+suffix, "ztgo", s.mem0[i].goroutines)
+		b.res.add("idle.gr.after"+suffix, "ztgo", s.mem1[i].goroutines)
+		per := func(a, b float64) float64 { return (b - a) / float64(s.n) }
+		logf("idle %s: RSS %.1f -> %.1f MiB (%.0f B/conn), heap in use %.1f -> %.1f MiB (%.0f B/conn), stacks %.0f B/conn, goroutines %.0f -> %.0f (%.2f/conn)",
+			b.nodes[i].name, float64(s.rss0[i])/(1<<20), float64(s.rss1[i])/(1<<20), per(float64(s.rss0[i]), float64(s.rss1[i])),
+			s.mem0[i].heapInuse/(1<<20), s.mem1[i].heapInuse/(1<<20), per(s.mem0[i].heapInuse, s.mem1[i].heapInuse),
+			per(s.mem0[i].stackInuse, s.mem1[i].stackInuse), s.mem0[i].goroutines, s.mem1[i].goroutines, per(s.mem0[i].goroutines, s.mem1[i].goroutines))
+	}
+	settle := func(w time.Duration, ok bool) string {
+		if ok {
+			return fmt.Sprintf("settled in %s", w.Round(100*time.Millisecond))
+		}
+		return fmt.Sprintf("still moving by ≥ %.0f%% per %s after %s (last sample used)", settleDelta*100, settleStep, w.Round(100*time.Millisecond))
+	}
+	note := fmt.Sprintf("Idle connections: %s opened in %s (%s conn/s, %d at a time, each with a %d-byte round trip); "+
+		"RSS %s before and %s once open; goroutines after closing them all: %s.",
+		thousands(int64(s.n)), s.open.Round(10*time.Millisecond), fmtRate(float64(s.n)/s.open.Seconds()), idleOpeners, len(idleMsg),
+		settle(s.wait0, s.settled0), settle(s.wait1, s.settled1), b.goroutineList(s.goroutinesAfterClose, s.mem0))
+	b.notes = append(b.notes, note)
+	logf("%s", note)
+	if len(s.profiles) > 0 {
+		note := fmt.Sprintf("Heap profiles (after a GC in the node) while the %s connections were idle: %s/idle-heap-node-{a,b}.pprof.",
+			thousands(int64(s.n)), b.profileDir)
+		b.notes = append(b.notes, note)
+		logf("%s", note)
+	}
+	return nil
+}
+
+// goroutineList renders each node's goroutines after the idle connections closed, against
+// their number before.
+func (b *bench) goroutineList(after []float64, before []goMem) string {
+	var parts []string
+	for i, g := range after {
+		parts = append(parts, fmt.Sprintf("%s %.0f (%.0f before opening)", b.nodes[i].name, g, before[i].goroutines))
+	}
+	return strings.Join(parts, ", ")
 }
 
 // round runs every workload once on each path, direct first.

@@ -30,6 +30,7 @@ const (
 	sourcePort = 17002 // writes until the client half-closes (server -> client throughput)
 	echoPort   = 17003 // echoes (round trip latency)
 	firstPort  = 17004 // writes one byte and closes (connection rate)
+	idlePort   = 17005 // echoes with a small buffer until EOF (idle connections)
 
 	meshFile = "mesh.yaml"
 )

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net/http"
 	"os"
 	"os/exec"
@@ -35,6 +36,9 @@ type ztgoNode struct {
 
 func (n *ztgoNode) socks5Addr() string { return hostPort(n.host, socks5Port) }
 func (n *ztgoNode) adminURL() string   { return "http://" + hostPort(n.host, adminPort) }
+func (n *ztgoNode) metricsURL() string {
+	return "http://" + hostPort(n.host, metricsPort) + "/metrics"
+}
 func (n *ztgoNode) readyURL() string {
 	return "http://" + hostPort(n.host, readinessPort) + "/healthz/ready"
 }
@@ -250,9 +254,19 @@ func (n *ztgoNode) memKiB() (rss, hwm int64, err error) {
 
 // cpuProfile fetches a CPU profile of seconds from the node's admin endpoint into path.
 func (n *ztgoNode) cpuProfile(ctx context.Context, seconds int, path string) error {
-	ctx, cancel := context.WithTimeout(ctx, time.Duration(seconds)*time.Second+15*time.Second)
-	defer cancel()
 	url := fmt.Sprintf("%s/debug/pprof/profile?seconds=%d", n.adminURL(), seconds)
+	return n.fetchProfile(ctx, url, time.Duration(seconds)*time.Second+15*time.Second, path)
+}
+
+// heapProfile fetches a heap profile from the node's admin endpoint into path, after a GC in
+// the node (gc=1), so its inuse figures are the live heap.
+func (n *ztgoNode) heapProfile(ctx context.Context, path string) error {
+	return n.fetchProfile(ctx, n.adminURL()+"/debug/pprof/heap?gc=1", 15*time.Second, path)
+}
+
+func (n *ztgoNode) fetchProfile(ctx context.Context, url string, timeout time.Duration, path string) error {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 	if err != nil {
 		return err
@@ -273,6 +287,100 @@ func (n *ztgoNode) cpuProfile(ctx context.Context, seconds int, path string) err
 	return os.WriteFile(path, body, 0o644)
 }
 
+// goMem is what a node's /metrics says about its Go runtime.
+type goMem struct {
+	heapInuse  float64 // go_memstats_heap_inuse_bytes
+	stackInuse float64 // go_memstats_stack_inuse_bytes
+	goroutines float64 // go_goroutines
+}
+
+// goMem scrapes the node's /metrics (Prometheus text format) for its Go heap, stacks and
+// goroutines.
+func (n *ztgoNode) goMem(ctx context.Context) (goMem, error) {
+	var m goMem
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, n.metricsURL(), nil)
+	if err != nil {
+		return m, err
+	}
+	resp, err := n.http.Do(req)
+	if err != nil {
+		return m, fmt.Errorf("%s metrics: %w", n.name, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return m, fmt.Errorf("%s metrics: %s", n.name, resp.Status)
+	}
+	want := map[string]*float64{
+		"go_memstats_heap_inuse_bytes":  &m.heapInuse,
+		"go_memstats_stack_inuse_bytes": &m.stackInuse,
+		"go_goroutines":                 &m.goroutines,
+	}
+	found := 0
+	sc := bufio.NewScanner(io.LimitReader(resp.Body, 64<<20))
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	for sc.Scan() {
+		name, v, ok := strings.Cut(sc.Text(), " ")
+		p := want[name]
+		if !ok || p == nil {
+			continue
+		}
+		x, err := strconv.ParseFloat(strings.TrimSpace(v), 64)
+		if err != nil {
+			return m, fmt.Errorf("%s metrics: %s: %w", n.name, name, err)
+		}
+		*p = x
+		found++
+	}
+	if err := sc.Err(); err != nil {
+		return m, fmt.Errorf("%s metrics: %w", n.name, err)
+	}
+	if found != len(want) {
+		return m, fmt.Errorf("%s metrics: go_memstats_heap_inuse_bytes, go_memstats_stack_inuse_bytes or go_goroutines missing", n.name)
+	}
+	return m, nil
+}
+
+// files returns the node's open file descriptors and its soft RLIMIT_NOFILE.
+func (n *ztgoNode) files() (open, limit int, err error) {
+	open, limit, err = procFiles(fmt.Sprint(n.cmd.Process.Pid))
+	if err != nil {
+		return 0, 0, fmt.Errorf("%s files: %w", n.name, err)
+	}
+	return open, limit, nil
+}
+
+// procFiles counts the open file descriptors of /proc/<pid> ("self" for this process) and
+// reads its soft "Max open files" limit.
+func procFiles(pid string) (open, limit int, err error) {
+	fds, err := os.ReadDir("/proc/" + pid + "/fd")
+	if err != nil {
+		return 0, 0, err
+	}
+	b, err := os.ReadFile("/proc/" + pid + "/limits")
+	if err != nil {
+		return 0, 0, err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		rest, ok := strings.CutPrefix(line, "Max open files")
+		if !ok {
+			continue
+		}
+		f := strings.Fields(rest) // soft, hard, unit
+		if len(f) < 1 {
+			break
+		}
+		if f[0] == "unlimited" {
+			return len(fds), math.MaxInt, nil
+		}
+		limit, err = strconv.Atoi(f[0])
+		if err != nil {
+			return 0, 0, fmt.Errorf("/proc/%s/limits: %w", pid, err)
+		}
+		return len(fds), limit, nil
+	}
+	return 0, 0, fmt.Errorf("/proc/%s/limits: no \"Max open files\" line", pid)
+}
+
 // nodeSet is both nodes, for the figures taken over the two together.
 type nodeSet []*ztgoNode
 
@@ -283,6 +391,94 @@ func (ns nodeSet) alive() error {
 		}
 	}
 	return nil
+}
+
+// rss returns each node's VmRSS in bytes.
+func (ns nodeSet) rss() ([]int64, error) {
+	out := make([]int64, len(ns))
+	for i, n := range ns {
+		r, _, err := n.memKiB()
+		if err != nil {
+			return nil, err
+		}
+		out[i] = r << 10
+	}
+	return out, nil
+}
+
+// Settling of the nodes' RSS before a memory reading.
+const (
+	settleStep  = 200 * time.Millisecond
+	settleLimit = 5 * time.Second
+	settleDelta = 0.01 // largest relative change between two samples that counts as settled
+	settleCalm  = 2    // consecutive settled steps needed
+)
+
+// settledRSS samples each node's VmRSS every settleStep until no node's RSS changed by
+// settleDelta or more in settleCalm consecutive steps, or settleLimit has passed (settled is
+// then false), and returns the last sample.
+func (ns nodeSet) settledRSS(ctx context.Context) (rss []int64, waited time.Duration, settled bool, err error) {
+	t0 := time.Now()
+	prev, err := ns.rss()
+	if err != nil {
+		return nil, 0, false, err
+	}
+	calm := 0
+	for {
+		if err := sleep(ctx, settleStep); err != nil {
+			return nil, 0, false, err
+		}
+		cur, err := ns.rss()
+		if err != nil {
+			return nil, 0, false, err
+		}
+		still := true
+		for i := range cur {
+			if math.Abs(float64(cur[i]-prev[i])) >= settleDelta*float64(prev[i]) {
+				still = false
+			}
+		}
+		if still {
+			calm++
+		} else {
+			calm = 0
+		}
+		waited = time.Since(t0)
+		if calm >= settleCalm {
+			return cur, waited, true, nil
+		}
+		if waited >= settleLimit {
+			return cur, waited, false, nil
+		}
+		prev = cur
+	}
+}
+
+// goMem scrapes each node's /metrics.
+func (ns nodeSet) goMem(ctx context.Context) ([]goMem, error) {
+	out := make([]goMem, len(ns))
+	for i, n := range ns {
+		m, err := n.goMem(ctx)
+		if err != nil {
+			return nil, err
+		}
+		out[i] = m
+	}
+	return out, nil
+}
+
+// files describes each node's open files against its limit, for error messages.
+func (ns nodeSet) files() string {
+	var parts []string
+	for _, n := range ns {
+		open, limit, err := n.files()
+		if err != nil {
+			parts = append(parts, err.Error())
+			continue
+		}
+		parts = append(parts, fmt.Sprintf("%s %d open files of %d", n.name, open, limit))
+	}
+	return strings.Join(parts, ", ")
 }
 
 // cpu returns each node's CPU seconds.

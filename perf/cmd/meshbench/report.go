@@ -131,6 +131,91 @@ var resRows = []resRow{
 	{"CPU per new connection, 8 clients", "CPU µs/conn", [3]string{"cpu.conn8.a", "cpu.conn8.b", "cpu.conn8"}, fmtUS, ""},
 }
 
+// Memory per idle proxied connection (performance.md): ≤ 4 KB, moonshot 2 KB. KB here is
+// 1,000 bytes, as in ztunnel's ~3.8 KB (38 MB for 10k connections).
+const (
+	idleTargetBytes   = 4000
+	idleMoonshotBytes = 2000
+)
+
+func fmtBytes(v float64) string { return thousands(int64(math.Round(v))) }
+
+// idleReport renders the idle-connection table, or nothing when the workload did not run.
+func idleReport(r *results) string {
+	nv, ok := r.median("idle.n", "ztgo")
+	if !ok || nv <= 0 {
+		return ""
+	}
+	var b strings.Builder
+	p := func(format string, a ...any) { fmt.Fprintf(&b, format, a...) }
+	p("Memory per idle connection, ztgo only (the direct path has no proxy to measure): %s connections from the client "+
+		"through node a's SOCKS5, HBONE to node b (pooled, ztgo's default 100 streams per HBONE connection) and node b to an "+
+		"echo server (a process of its own), each carrying one %d-byte round trip, then left idle. Before opening them and once they are open, the "+
+		"nodes' VmRSS is sampled every %s until no node moved by %.0f%% or more in %d steps running (at most %s), then "+
+		"go_memstats_heap_inuse_bytes, go_memstats_stack_inuse_bytes and go_goroutines are read from each node's /metrics "+
+		"(no GC forced). Per connection "+
+		"is (idle − before) / %s. Target (performance.md): RSS ≤ 4 KB per connection (ztunnel ~3.8 KB), moonshot 2 KB; "+
+		"KB = 1,000 B; the ratio column is per connection / 4 KB.\n\n",
+		thousands(int64(nv)), len(idleMsg), settleStep, settleDelta*100, settleCalm, settleLimit, thousands(int64(nv)))
+	p("| node | measure | before | idle, %s open | per connection | per connection / 4 KB | target | verdict |\n", thousands(int64(nv)))
+	p("|---|---|---:|---:|---:|---:|---|---|\n")
+	type cell struct{ before, after float64 }
+	get := func(key, suffix string) (cell, bool) {
+		b0, ok0 := r.median(key+".before"+suffix, "ztgo")
+		b1, ok1 := r.median(key+".after"+suffix, "ztgo")
+		return cell{b0, b1}, ok0 && ok1
+	}
+	mib := func(v float64) string { return fmt.Sprintf("%.1f MiB", v/(1<<20)) }
+	count := func(v float64) string { return thousands(int64(math.Round(v))) }
+	line := func(node, measure string, c cell, format func(float64) string, unit string, target bool) {
+		per := (c.after - c.before) / nv
+		ratio, tgt, verdict := "—", "—", "—"
+		if unit == "B" {
+			ratio = fmt.Sprintf("%.2fx", per/idleTargetBytes)
+		}
+		if target {
+			tgt = "≤ 4 KB (moonshot 2 KB)"
+			verdict = "missed"
+			switch {
+			case per <= idleMoonshotBytes:
+				verdict = "met (moonshot too)"
+			case per <= idleTargetBytes:
+				verdict = "met"
+			}
+		}
+		perS := fmt.Sprintf("%s %s", fmtBytes(per), unit)
+		if unit != "B" {
+			perS = fmt.Sprintf("%.2f", per)
+		}
+		p("| %s | %s | %s | %s | %s | %s | %s | %s |\n", node, measure, format(c.before), format(c.after), perS, ratio, tgt, verdict)
+	}
+	var sum cell
+	haveBoth := true
+	for _, n := range []struct{ name, suffix string }{{"node a (client side)", ".a"}, {"node b (server side)", ".b"}} {
+		if c, ok := get("idle.rss", n.suffix); ok {
+			line(n.name, "RSS", c, mib, "B", true)
+			sum.before += c.before
+			sum.after += c.after
+		} else {
+			haveBoth = false
+		}
+		if c, ok := get("idle.heap", n.suffix); ok {
+			line(n.name, "Go heap in use", c, mib, "B", false)
+		}
+		if c, ok := get("idle.stack", n.suffix); ok {
+			line(n.name, "goroutine stacks", c, mib, "B", false)
+		}
+		if c, ok := get("idle.gr", n.suffix); ok {
+			line(n.name, "goroutines", c, count, "", false)
+		}
+	}
+	if haveBoth {
+		line("both nodes", "RSS", sum, mib, "B", false)
+	}
+	p("\n")
+	return b.String()
+}
+
 // machine describes where the run happened.
 type machine struct {
 	cpuModel   string
@@ -152,14 +237,23 @@ func report(pl plan, m machine, r *results, began time.Time, elapsed time.Durati
 	p("Run %s, %s wall time. %d rounds; in every round each workload runs on the direct path and then through ztgo "+
 		"(interleaved direct, ztgo, direct, ztgo ...); each figure is the median over the rounds of that path, "+
 		"and the ratio is ztgo / direct of the medians. Throughput: %s windows after a %s warm-up, %d KiB writes. "+
-		"Round trips: %d per size per round after %d unrecorded. Connections: %s with 1 client, %s with 8 clients.\n\n",
+		"Round trips: %d per size per round after %d unrecorded. Connections: %s with 1 client, %s with 8 clients. "+
+		"Idle connections: %s, once, through ztgo only, before the rounds.\n\n",
 		began.UTC().Format("2006-01-02 15:04 UTC"), elapsed.Round(100*time.Millisecond), pl.rounds,
-		pl.tpDur, pl.tpWarm, chunk>>10, pl.rttCount, rttWarmup, pl.connDur, pl.conn8Dur)
+		pl.tpDur, pl.tpWarm, chunk>>10, pl.rttCount, rttWarmup, pl.connDur, pl.conn8Dur, thousands(int64(pl.idleN)))
 	p("Machine: %s, %d cores (GOMAXPROCS %d), kernel %s, %s; ztgo: %s. Load average (1, 5, 15 min) at start %s, at end %s.\n\n",
 		m.cpuModel, m.cores, m.gomaxprocs, m.kernel, m.goVersion, m.ztgo, m.loadStart, m.loadEnd)
 
-	p("| workload | metric | direct | ztgo | ztgo/direct | target | verdict |\n")
-	p("|---|---|---:|---:|---:|---|---|\n")
+	rounded := false
+	for _, rw := range rows {
+		if len(r.values(rw.key, "direct"))+len(r.values(rw.key, "ztgo")) > 0 {
+			rounded = true
+		}
+	}
+	if rounded {
+		p("| workload | metric | direct | ztgo | ztgo/direct | target | verdict |\n")
+		p("|---|---|---:|---:|---:|---|---|\n")
+	}
 	for _, rw := range rows {
 		d, okd := r.median(rw.key, "direct")
 		z, okz := r.median(rw.key, "ztgo")
@@ -188,7 +282,10 @@ func report(pl plan, m machine, r *results, began time.Time, elapsed time.Durati
 		}
 		p("| %s | %s | %s | %s | %s | %s | %s |\n", rw.workload, rw.metric, ds, zs, ratio, target, verdict)
 	}
-	p("\n")
+	if rounded {
+		p("\n")
+	}
+	p("%s", idleReport(r))
 
 	p("Resources of the two ztgo processes (/proc/<pid>/status VmRSS and VmHWM; utime+stime from /proc/<pid>/stat over each " +
 		"measured window; GB = 10^9 bytes arriving at the receiver; medians over the rounds):\n\n")
@@ -215,44 +312,54 @@ func report(pl plan, m machine, r *results, began time.Time, elapsed time.Durati
 	}
 	p("\n")
 
-	p("Whole machine during the throughput windows, in CPUs of %d (/proc/stat, /proc/<pid>/stat). busy: all but idle; "+
-		"softirq: irq and softirq, mostly loopback TCP receive work, a part of busy that is also in the bench's or the nodes' "+
-		"time when it ran in their context; steal: taken by the hypervisor; bench: this process (clients and servers); nodes: "+
-		"both ztgo processes; other: busy minus steal, bench and nodes, i.e. any other process on the machine and softirq run "+
-		"outside the bench and the nodes:\n\n", m.cores)
-	p("| workload | path | busy | softirq | steal | bench | nodes | other |\n|---|---|---:|---:|---:|---:|---:|---:|\n")
-	for _, k := range []struct{ key, what string }{
-		{"tp1", "Throughput, 1 stream, client → server"},
-		{"tp1r", "Throughput, 1 stream, server → client"},
-		{"tp8", "Throughput, 8 streams, client → server"},
-	} {
-		for _, path := range []string{"direct", "ztgo"} {
-			cell := func(metric string) string {
-				if v, ok := r.median(metric, path); ok {
-					return fmt.Sprintf("%.2f", v)
-				}
-				return "—"
-			}
-			nodes := "—"
-			if path == "ztgo" {
-				nodes = cell("util." + k.key)
-			}
-			p("| %s | %s | %s | %s | %s | %s | %s | %s |\n", k.what, path, cell("busy."+k.key), cell("softirq."+k.key),
-				cell("steal."+k.key), cell("self."+k.key), nodes, cell("other."+k.key))
+	machineRows := false
+	for _, k := range []string{"busy.tp1", "busy.tp1r", "busy.tp8"} {
+		if len(r.values(k, "direct"))+len(r.values(k, "ztgo")) > 0 {
+			machineRows = true
 		}
 	}
-	p("\n")
+	if machineRows {
+		p("Whole machine during the throughput windows, in CPUs of %d (/proc/stat, /proc/<pid>/stat). busy: all but idle; "+
+			"softirq: irq and softirq, mostly loopback TCP receive work, a part of busy that is also in the bench's or the nodes' "+
+			"time when it ran in their context; steal: taken by the hypervisor; bench: this process (clients and servers); nodes: "+
+			"both ztgo processes; other: busy minus steal, bench and nodes, i.e. any other process on the machine and softirq run "+
+			"outside the bench and the nodes:\n\n", m.cores)
+		p("| workload | path | busy | softirq | steal | bench | nodes | other |\n|---|---|---:|---:|---:|---:|---:|---:|\n")
+		for _, k := range []struct{ key, what string }{
+			{"tp1", "Throughput, 1 stream, client → server"},
+			{"tp1r", "Throughput, 1 stream, server → client"},
+			{"tp8", "Throughput, 8 streams, client → server"},
+		} {
+			for _, path := range []string{"direct", "ztgo"} {
+				cell := func(metric string) string {
+					if v, ok := r.median(metric, path); ok {
+						return fmt.Sprintf("%.2f", v)
+					}
+					return "—"
+				}
+				nodes := "—"
+				if path == "ztgo" {
+					nodes = cell("util." + k.key)
+				}
+				p("| %s | %s | %s | %s | %s | %s | %s | %s |\n", k.what, path, cell("busy."+k.key), cell("softirq."+k.key),
+					cell("steal."+k.key), cell("self."+k.key), nodes, cell("other."+k.key))
+			}
+		}
+		p("\n")
+	}
 
-	p("Every round's value (the medians above are taken over these):\n\n")
-	p("| metric | path |")
-	for i := range pl.rounds {
-		p(" r%d |", i+1)
+	if rounded {
+		p("Every round's value (the medians above are taken over these):\n\n")
+		p("| metric | path |")
+		for i := range pl.rounds {
+			p(" r%d |", i+1)
+		}
+		p("\n|---|---|")
+		for range pl.rounds {
+			p("---:|")
+		}
+		p("\n")
 	}
-	p("\n|---|---|")
-	for range pl.rounds {
-		p("---:|")
-	}
-	p("\n")
 	for _, rw := range rows {
 		for _, path := range []string{"direct", "ztgo"} {
 			v := r.values(rw.key, path)
@@ -270,7 +377,9 @@ func report(pl plan, m machine, r *results, began time.Time, elapsed time.Durati
 			p("\n")
 		}
 	}
-	p("\n")
+	if rounded {
+		p("\n")
+	}
 	if len(notes) > 0 {
 		p("Notes:\n\n")
 		for _, n := range notes {

@@ -3,12 +3,17 @@
 package main
 
 import (
+	"bufio"
 	"errors"
 	"fmt"
 	"io"
 	"net"
+	"os"
+	"os/exec"
+	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 )
 
@@ -140,6 +145,30 @@ func serveEcho(s *server, c *net.TCPConn) {
 	}
 }
 
+// idleEchoBuf is the idle echo server's read buffer: small, since it serves thousands of
+// connections at once (its memory is not measured, but 10,000 x 64 KiB would be 640 MiB).
+const idleEchoBuf = 256
+
+// serveIdleEcho writes back every byte it reads until EOF, like serveEcho, with a small buffer.
+func serveIdleEcho(s *server, c *net.TCPConn) {
+	buf := make([]byte, idleEchoBuf)
+	for {
+		n, err := c.Read(buf)
+		if n > 0 {
+			if _, werr := c.Write(buf[:n]); werr != nil {
+				s.fail(werr)
+				return
+			}
+		}
+		if err != nil {
+			if !errors.Is(err, io.EOF) {
+				s.fail(err)
+			}
+			return
+		}
+	}
+}
+
 // serveFirstByte writes one byte and closes.
 func serveFirstByte(s *server, c *net.TCPConn) {
 	if _, err := c.Write([]byte{'!'}); err != nil {
@@ -147,7 +176,7 @@ func serveFirstByte(s *server, c *net.TCPConn) {
 	}
 }
 
-// servers are the bench's four servers.
+// servers are the bench's four in-process servers.
 type servers struct {
 	sink, source, echo, first *server
 }
@@ -199,4 +228,160 @@ func (ss *servers) close() {
 	for _, s := range ss.all() {
 		s.close()
 	}
+}
+
+// idleEchoEnv, when set in the environment, makes meshbench the idle echo server process
+// (idleEchoMain) instead of the bench. The idle connections' server ends live in a process of
+// their own so that each process holds one socket per idle connection: 10,000 connections
+// would need 20,000 files in one process, and the hard RLIMIT_NOFILE may be 20,000 and not
+// raisable (no CAP_SYS_RESOURCE).
+const idleEchoEnv = "MESHBENCH_IDLE_ECHO"
+
+// idleEchoMain serves serveIdleEcho on serverIP:idlePort. It prints "ready" once listening,
+// answers every line on stdin with one line of counters (see idleEcho.stat) and exits at EOF
+// on stdin.
+func idleEchoMain() int {
+	s, err := startServer("idle-echo", idlePort, serveIdleEcho)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "meshbench idle echo: %v\n", err)
+		return 1
+	}
+	defer s.ln.Close()
+	fmt.Println("ready")
+	sc := bufio.NewScanner(os.Stdin)
+	for sc.Scan() {
+		open, limit, err := procFiles("self")
+		if err != nil {
+			open, limit = -1, -1
+		}
+		last, _ := s.lastErr.Load().(string)
+		last = strings.Join(strings.Fields(last), " ")
+		fmt.Printf("%d %d %d %d %d\t%s\n", s.active.Load(), s.accepted.Load(), s.errs.Load(), open, limit, last)
+	}
+	return 0
+}
+
+// idleEcho is the idle echo server process, run from this program's own executable.
+type idleEcho struct {
+	name string
+	cmd  *exec.Cmd
+	in   *os.File // its stdin
+	out  *os.File // its stdout
+	rd   *bufio.Reader
+	done chan struct{} // closed once it has exited
+}
+
+// idleStat is what the idle echo process says about itself.
+type idleStat struct {
+	active, accepted, errs int64
+	files, fileLimit       int // open files and the soft RLIMIT_NOFILE; -1 when unknown
+	lastErr                string
+}
+
+// startIdleEcho starts the idle echo process and waits until it listens.
+func startIdleEcho() (*idleEcho, error) {
+	exe, err := os.Executable()
+	if err != nil {
+		return nil, fmt.Errorf("idle echo: %w", err)
+	}
+	inR, inW, err := os.Pipe()
+	if err != nil {
+		return nil, fmt.Errorf("idle echo: %w", err)
+	}
+	outR, outW, err := os.Pipe()
+	if err != nil {
+		inR.Close()
+		inW.Close()
+		return nil, fmt.Errorf("idle echo: %w", err)
+	}
+	e := &idleEcho{name: "idle-echo", in: inW, out: outR, rd: bufio.NewReader(outR), done: make(chan struct{})}
+	e.cmd = exec.Command(exe)
+	e.cmd.Env = append(os.Environ(), idleEchoEnv+"=1")
+	e.cmd.Stdin, e.cmd.Stdout, e.cmd.Stderr = inR, outW, os.Stderr
+	e.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	err = e.cmd.Start()
+	inR.Close()
+	outW.Close()
+	if err != nil {
+		inW.Close()
+		outR.Close()
+		return nil, fmt.Errorf("idle echo: start: %w", err)
+	}
+	go func() {
+		e.cmd.Wait()
+		close(e.done)
+	}()
+	line, err := e.readLine(readyTimeout)
+	if err != nil || line != "ready" {
+		e.stop()
+		return nil, fmt.Errorf("idle echo: not ready (%q, %v)", line, err)
+	}
+	return e, nil
+}
+
+func (e *idleEcho) readLine(timeout time.Duration) (string, error) {
+	e.out.SetReadDeadline(time.Now().Add(timeout))
+	line, err := e.rd.ReadString('\n')
+	return strings.TrimSuffix(line, "\n"), err
+}
+
+// stat asks the process for its counters.
+func (e *idleEcho) stat() (idleStat, error) {
+	var st idleStat
+	e.in.SetWriteDeadline(time.Now().Add(5 * time.Second))
+	if _, err := e.in.WriteString("stat\n"); err != nil {
+		return st, fmt.Errorf("idle echo: %w", err)
+	}
+	line, err := e.readLine(5 * time.Second)
+	if err != nil {
+		return st, fmt.Errorf("idle echo: %w", err)
+	}
+	nums, last, _ := strings.Cut(line, "\t")
+	if _, err := fmt.Sscan(nums, &st.active, &st.accepted, &st.errs, &st.files, &st.fileLimit); err != nil {
+		return st, fmt.Errorf("idle echo: counters %q: %w", line, err)
+	}
+	st.lastErr = last
+	return st, nil
+}
+
+// waitIdle waits until no connection is open, for at most timeout.
+func (e *idleEcho) waitIdle(timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		st, err := e.stat()
+		if err != nil {
+			return err
+		}
+		if st.active == 0 {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%s server: %d connections still open %s after the clients closed", e.name, st.active, timeout)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// errors reports the connections that ended with an unexpected error.
+func (e *idleEcho) errors() []string {
+	st, err := e.stat()
+	if err != nil {
+		return []string{err.Error()}
+	}
+	if st.errs > 0 {
+		return []string{fmt.Sprintf("%s server: %d connections ended with an error (last: %s)", e.name, st.errs, st.lastErr)}
+	}
+	return nil
+}
+
+// stop closes its stdin, which ends it, and waits a little; then kills it.
+func (e *idleEcho) stop() {
+	e.in.Close()
+	select {
+	case <-e.done:
+	case <-time.After(5 * time.Second):
+		e.cmd.Process.Kill()
+		<-e.done
+	}
+	e.out.Close()
 }

@@ -9,7 +9,10 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
+	"path/filepath"
 	"runtime"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -363,6 +366,236 @@ func connRate(ctx context.Context, p path, clients int, dur time.Duration, srv *
 		return res, fmt.Errorf("%s: no connection completed (%d errors, first: %v)", p.name, res.errs, res.firstErr)
 	}
 	return res, nil
+}
+
+// Idle connections.
+const (
+	idleOpeners  = 8                   // goroutines opening the idle connections
+	idleMsg      = "meshbench idle!\n" // the round trip each idle connection carries
+	idleChecks   = 100                 // connections round-tripped again once measured
+	fdHeadroom   = 256                 // files a process needs besides the connections
+	poolStreams  = 100                 // ztgo's default streams per pooled HBONE connection
+	idleMinClose = 2 * time.Second     // the least time given to the servers to see every close
+)
+
+// idleSample is one idle-connection run: each node's memory before the connections were
+// opened and once they were open and idle.
+type idleSample struct {
+	n                    int
+	open                 time.Duration // opening all n, each with its round trip
+	rss0, rss1           []int64       // VmRSS, bytes
+	mem0, mem1           []goMem
+	wait0, wait1         time.Duration // settling of the RSS
+	settled0, settled1   bool
+	goroutinesAfterClose []float64
+	profiles             []string // heap profiles written, if any
+}
+
+// idleConns opens n connections through p to srv (the idle echo process), each carrying one
+// small round trip so that it is established end to end, leaves them idle and reads the
+// memory of the nodes ns before and after: VmRSS once settled (settledRSS), and the Go heap and
+// stacks in use and the goroutines from /metrics. With profileDir set it also writes heap profiles of the
+// nodes while the connections are idle. It then round-trips again on idleChecks of the
+// connections, closes all of them and waits for the server to see every close. Everything
+// happens within limit.
+func idleConns(ctx context.Context, p path, n int, limit time.Duration, srv *idleEcho, ns nodeSet, profileDir string) (s idleSample, err error) {
+	s.n = n
+	deadline := time.Now().Add(limit)
+	ctx, cancel := context.WithDeadlineCause(ctx, deadline, fmt.Errorf("idle connections: not done within %s", limit))
+	defer cancel()
+	defer func() {
+		if err != nil && errors.Is(err, context.DeadlineExceeded) {
+			err = fmt.Errorf("%w (%v)", err, context.Cause(ctx))
+		}
+	}()
+
+	// Files: this process holds the client end of every connection, the idle echo process the
+	// server end, each node one socket per connection plus its share of pooled HBONE
+	// connections.
+	open, lim, err := procFiles("self")
+	if err != nil {
+		return s, fmt.Errorf("meshbench files: %w", err)
+	}
+	if need := open + n + fdHeadroom; need > lim {
+		return s, fmt.Errorf("%d idle connections need about %d open files in meshbench, its limit is %d "+
+			"(raise the hard RLIMIT_NOFILE, ulimit -Hn)", n, need, lim)
+	}
+	st, err := srv.stat()
+	if err != nil {
+		return s, err
+	}
+	if need := st.files + n + fdHeadroom; st.files < 0 || need > st.fileLimit {
+		return s, fmt.Errorf("%d idle connections need about %d open files in the %s process, its limit is %d "+
+			"(raise the hard RLIMIT_NOFILE, ulimit -Hn)", n, need, srv.name, st.fileLimit)
+	}
+	for _, nd := range ns {
+		open, lim, err := nd.files()
+		if err != nil {
+			return s, err
+		}
+		if need := open + n + n/poolStreams + fdHeadroom; need > lim {
+			return s, fmt.Errorf("%d idle connections need about %d open files in %s, its limit is %d "+
+				"(raise the hard RLIMIT_NOFILE, ulimit -Hn)", n, need, nd.name, lim)
+		}
+	}
+
+	// Before: one scrape first, so that the scrape's own memory is there in both readings.
+	if _, err := ns.goMem(ctx); err != nil {
+		return s, err
+	}
+	if s.rss0, s.wait0, s.settled0, err = ns.settledRSS(ctx); err != nil {
+		return s, err
+	}
+	if s.mem0, err = ns.goMem(ctx); err != nil {
+		return s, err
+	}
+
+	conns := make([]*net.TCPConn, 0, n)
+	var mu sync.Mutex
+	defer func() {
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range conns {
+			c.Close()
+		}
+	}()
+	roundTrip := func(c *net.TCPConn) error {
+		c.SetDeadline(time.Now().Add(dialTimeout))
+		if _, err := c.Write([]byte(idleMsg)); err != nil {
+			return fmt.Errorf("write: %w", err)
+		}
+		got := make([]byte, len(idleMsg))
+		if _, err := io.ReadFull(c, got); err != nil {
+			return fmt.Errorf("read echo: %w", err)
+		}
+		if string(got) != idleMsg {
+			return fmt.Errorf("echo returned %q, want %q", got, idleMsg)
+		}
+		return c.SetDeadline(time.Time{})
+	}
+	octx, ocancel := context.WithCancel(ctx)
+	defer ocancel()
+	var (
+		next     atomic.Int64
+		wg       sync.WaitGroup
+		firstErr error
+	)
+	fail := func(err error) {
+		mu.Lock()
+		if firstErr == nil {
+			firstErr = err
+		}
+		mu.Unlock()
+		ocancel()
+	}
+	t0 := time.Now()
+	for range idleOpeners {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for octx.Err() == nil {
+				i := next.Add(1)
+				if i > int64(n) {
+					return
+				}
+				c, err := p.dial(octx, idlePort)
+				if err != nil {
+					fail(fmt.Errorf("connection %d: %w", i, err))
+					return
+				}
+				mu.Lock()
+				conns = append(conns, c)
+				mu.Unlock()
+				if err := roundTrip(c); err != nil {
+					fail(fmt.Errorf("connection %d: %w", i, err))
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	s.open = time.Since(t0)
+	if firstErr == nil && ctx.Err() != nil {
+		firstErr = ctx.Err()
+	}
+	if firstErr != nil {
+		return s, fmt.Errorf("%s, %d of %d connections open after %s: %w (files: %s)",
+			p.name, len(conns), n, s.open.Round(time.Millisecond), firstErr, allFiles(ns, srv))
+	}
+	if st, err := srv.stat(); err != nil {
+		return s, err
+	} else if st.active != int64(n) {
+		return s, fmt.Errorf("%s: %d idle connections open, the %s server has %d", p.name, n, srv.name, st.active)
+	}
+	if err := ns.alive(); err != nil {
+		return s, err
+	}
+
+	// Idle.
+	if s.rss1, s.wait1, s.settled1, err = ns.settledRSS(ctx); err != nil {
+		return s, err
+	}
+	if s.mem1, err = ns.goMem(ctx); err != nil {
+		return s, err
+	}
+	if profileDir != "" {
+		if err := os.MkdirAll(profileDir, 0o755); err != nil {
+			return s, err
+		}
+		for i, nd := range ns {
+			file := filepath.Join(profileDir, "idle-heap-node-"+[]string{"a", "b"}[i]+".pprof")
+			if err := nd.heapProfile(ctx, file); err != nil {
+				return s, err
+			}
+			s.profiles = append(s.profiles, file)
+		}
+	}
+
+	// Still carried end to end?
+	step := max(1, n/idleChecks)
+	for i := 0; i < len(conns); i += step {
+		if err := roundTrip(conns[i]); err != nil {
+			return s, fmt.Errorf("%s: idle connection %d after the measurement: %w (files: %s)", p.name, i, err, allFiles(ns, srv))
+		}
+	}
+
+	mu.Lock()
+	for _, c := range conns {
+		c.Close()
+	}
+	conns = nil
+	mu.Unlock()
+	if err := srv.waitIdle(max(idleMinClose, time.Until(deadline))); err != nil {
+		return s, fmt.Errorf("%s: %w", p.name, err)
+	}
+	if errs := srv.errors(); len(errs) > 0 {
+		return s, fmt.Errorf("%s: %s", p.name, strings.Join(errs, "; "))
+	}
+	// The nodes end their side of each flow as the server sees the close; give them a moment.
+	if err := sleep(ctx, settleStep); err != nil {
+		return s, err
+	}
+	mem, err := ns.goMem(ctx)
+	if err != nil {
+		return s, err
+	}
+	for _, m := range mem {
+		s.goroutinesAfterClose = append(s.goroutinesAfterClose, m.goroutines)
+	}
+	return s, nil
+}
+
+// allFiles describes the open files of every process holding idle connections against their
+// limits, for error messages.
+func allFiles(ns nodeSet, srv *idleEcho) string {
+	parts := []string{ns.files()}
+	if open, lim, err := procFiles("self"); err == nil {
+		parts = append(parts, fmt.Sprintf("meshbench %d of %d", open, lim))
+	}
+	if st, err := srv.stat(); err == nil {
+		parts = append(parts, fmt.Sprintf("%s %d of %d", srv.name, st.files, st.fileLimit))
+	}
+	return strings.Join(parts, ", ")
 }
 
 func sleep(ctx context.Context, d time.Duration) error {
