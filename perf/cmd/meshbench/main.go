@@ -16,6 +16,11 @@
 //   - direct: a client socket bound to 127.40.1.10 straight to 127.40.2.10:port;
 //   - ztgo: the same client socket to node a's SOCKS5 (CONNECT answered once the upstream is
 //     established), HBONE (HTTP/2 CONNECT over mTLS) to node b, then node b to the server.
+//   - stunnel (throughput workloads only): the same client socket to a client-mode stunnel on
+//     127.40.3.1, TLS 1.3 with a client certificate to a server stunnel on 127.40.3.2 that
+//     verifies it (mutual TLS, a throwaway ECDSA P-256 CA made in the temp dir), then to the
+//     server; the rounds go direct, ztgo, stunnel, direct, ztgo, stunnel ... When stunnel4 is
+//     not installed or the pair does not work, its runs are skipped with a line in the report.
 //
 // Workloads: 1-stream throughput both ways, 8-stream throughput, round trips of 1 B and 1 KiB
 // on one connection, and new connections to a first byte, sequential and with 8 clients. It
@@ -66,17 +71,18 @@ type plan struct {
 	idleN    int           // idle connections
 	idleMax  time.Duration // bound of the idle-connection workload
 	// limit is the watchdog for the whole run, above the planned time (quick ~65 s, full
-	// ~5 min, +11 s with --profile-dir) so that only a hang or a badly slowed machine hits it.
+	// ~5 min, +11 s with --profile-dir, + the stunnel pair's throughput windows: ~20 s quick,
+	// ~2 min full) so that only a hang or a badly slowed machine hits it.
 	limit time.Duration
 }
 
 var (
 	quickPlan = plan{name: "quick", rounds: 3, tpDur: 2 * time.Second, tpWarm: 100 * time.Millisecond,
 		rttCount: 2000, connDur: 2 * time.Second, conn8Dur: 500 * time.Millisecond,
-		idleN: 2000, idleMax: 30 * time.Second, limit: 2 * time.Minute}
+		idleN: 2000, idleMax: 30 * time.Second, limit: 150 * time.Second}
 	fullPlan = plan{name: "full", rounds: 7, tpDur: 5 * time.Second, tpWarm: 100 * time.Millisecond,
 		rttCount: 10000, connDur: 1500 * time.Millisecond, conn8Dur: time.Second,
-		idleN: 10000, idleMax: time.Minute, limit: 7 * time.Minute}
+		idleN: 10000, idleMax: time.Minute, limit: 9 * time.Minute}
 )
 
 const (
@@ -156,14 +162,19 @@ type bench struct {
 	res        *results
 	began      time.Time
 
-	srv      *servers
-	idleSrv  *idleEcho // the idle echo process, when idle runs
-	nodes    nodeSet   // running nodes (cleared once stopped)
-	started  nodeSet   // every node started, for their logs
-	direct   path
-	ztgo     path
-	notes    []string
-	problems []string
+	srv     *servers
+	idleSrv *idleEcho // the idle echo process, when idle runs
+	nodes   nodeSet   // running nodes (cleared once stopped)
+	started nodeSet   // every node started, for their logs
+	direct  path
+	ztgo    path
+	// stunnel is the stunnel mTLS pair (performance.md's peer) for the throughput workloads;
+	// stunnelSkip says why it does not run, when it does not.
+	stunnel     path
+	st          *stunnelPair
+	stunnelSkip string
+	notes       []string
+	problems    []string
 }
 
 // workloadNames are the workloads --only selects from.
@@ -263,6 +274,10 @@ func (b *bench) run(ctx context.Context) (text string, err error) {
 			return "", err
 		}
 	}
+	if b.runs("tp1") || b.runs("tp1r") || b.runs("tp8") {
+		defer func() { b.st.stop() }()
+		b.startStunnel(ctx, dir)
+	}
 	if err := b.srv.echo.waitIdle(drainLimit); err != nil {
 		return "", err
 	}
@@ -293,6 +308,10 @@ func (b *bench) run(ctx context.Context) (text string, err error) {
 	if err := b.nodes.alive(); err != nil {
 		return "", err
 	}
+	if err := b.st.alive(); err != nil {
+		return "", err
+	}
+	b.st.stop()
 	// Stop now, so a bad exit is part of the report.
 	if err := b.stopNodes(); err != nil {
 		b.problems = append(b.problems, err.Error())
@@ -303,7 +322,7 @@ func (b *bench) run(ctx context.Context) (text string, err error) {
 	}
 	b.notes = append(b.notes, b.nodeLogNotes()...)
 	m.loadEnd = loadAvg()
-	text = report(b.pl, m, b.res, b.began, time.Since(b.began), b.notes, b.problems)
+	text = report(b.pl, m, b.res, b.began, time.Since(b.began), b.stunnelSkip, b.notes, b.problems)
 	if len(b.problems) > 0 {
 		return text, fmt.Errorf("%d problems: %s", len(b.problems), strings.Join(b.problems, "; "))
 	}
@@ -442,7 +461,11 @@ func (b *bench) round(ctx context.Context, r int) error {
 		if !b.runs(w.key) {
 			continue
 		}
-		for _, p := range []path{b.direct, b.ztgo} {
+		paths := []path{b.direct, b.ztgo}
+		if b.st != nil {
+			paths = append(paths, b.stunnel)
+		}
+		for _, p := range paths {
 			var ns nodeSet
 			if p.name == "ztgo" {
 				ns = b.nodes
@@ -452,6 +475,9 @@ func (b *bench) round(ctx context.Context, r int) error {
 				return fmt.Errorf("%s %s %s: %w", tag, w.key, p.name, err)
 			}
 			if err := b.nodes.alive(); err != nil {
+				return err
+			}
+			if err := b.st.alive(); err != nil {
 				return err
 			}
 			b.res.add(w.key, p.name, s.gbps)
@@ -471,7 +497,7 @@ func (b *bench) round(ctx context.Context, r int) error {
 				b.res.add("util."+w.key, p.name, (s.cpu[0]+s.cpu[1])/s.secs)
 				extra = fmt.Sprintf(", ztgo CPU %.2f + %.2f s (%.2f s/GB)", s.cpu[0], s.cpu[1], (s.cpu[0]+s.cpu[1])/gb)
 			}
-			logf("%s %-4s %-6s %6.2f Gbit/s (%.2f GB in %.2fs, machine %.2f CPUs busy: softirq %.2f, steal %.2f, bench %.2f, other %.2f%s)",
+			logf("%s %-4s %-7s %6.2f Gbit/s (%.2f GB in %.2fs, machine %.2f CPUs busy: softirq %.2f, steal %.2f, bench %.2f, other %.2f%s)",
 				tag, w.key, p.name, s.gbps, float64(s.bytes)/1e9, s.secs, s.busy, s.softirq, s.steal, s.self, s.other, extra)
 		}
 	}
@@ -648,4 +674,25 @@ func describeMachine(ctx context.Context, bin string) (machine, error) {
 	}
 	m.ztgo = strings.TrimSpace(string(out))
 	return m, nil
+}
+
+// startStunnel starts the stunnel pair and checks its path; when stunnel is missing or does
+// not work, the stunnel runs are skipped (b.stunnelSkip says why) and the run goes on.
+func (b *bench) startStunnel(ctx context.Context, dir string) {
+	st, err := startStunnel(ctx, dir)
+	if err == nil {
+		b.st = st
+		b.stunnel = stunnelPath()
+		if err = checkPath(ctx, b.stunnel); err != nil {
+			err = fmt.Errorf("%w; client log: %s; server log: %s", err, tailFile(st.logs[1]), tailFile(st.logs[0]))
+			st.stop()
+			b.st = nil
+		}
+	}
+	if err != nil {
+		b.stunnelSkip = fmt.Sprintf("stunnel pair: SKIPPED, %v", err)
+		logf("%s", b.stunnelSkip)
+		return
+	}
+	logf("stunnel pair ready (%s): client %s, server %s, TLS 1.3 with client certificates", st.bin, stunnelClientIP, stunnelServerIP)
 }

@@ -65,6 +65,11 @@ type row struct {
 	target                string
 	// check says whether the target is met; nil when the row has no target.
 	check func(direct, ztgo float64) bool
+	// vsStunnel marks the rows the stunnel pair also runs; stTarget and stCheck are the target
+	// against it, when there is one.
+	vsStunnel bool
+	stTarget  string
+	stCheck   func(stunnel, ztgo float64) bool
 }
 
 func fmtGbps(v float64) string { return fmt.Sprintf("%.2f", v) }
@@ -95,17 +100,17 @@ func ratioAtMost(x float64) func(d, z float64) bool {
 }
 
 var rows = []row{
-	{"tp1", "Throughput, 1 stream, client → server", "Gbit/s", fmtGbps, "≥ 0.30x direct", ratioAtLeast(0.30)},
-	{"tp1r", "Throughput, 1 stream, server → client", "Gbit/s", fmtGbps, "≥ 0.30x direct", ratioAtLeast(0.30)},
-	{"tp8", "Throughput, 8 streams, client → server", "Gbit/s (sum)", fmtGbps, "≥ 0.45x direct", ratioAtLeast(0.45)},
-	{"rtt1.p50", "Round trip, 1 B echo, one connection", "p50 µs", fmtUS, "≤ 3.0x direct", ratioAtMost(3.0)},
-	{"rtt1.p99", "Round trip, 1 B echo, one connection", "p99 µs", fmtUS, "", nil},
-	{"rtt1k.p50", "Round trip, 1 KiB echo, one connection", "p50 µs", fmtUS, "≤ 3.0x direct", ratioAtMost(3.0)},
-	{"rtt1k.p99", "Round trip, 1 KiB echo, one connection", "p99 µs", fmtUS, "", nil},
-	{"conn.rate", "New connection + first byte, 1 client", "conn/s", fmtRate, "", nil},
-	{"conn.p50", "New connection + first byte, 1 client", "p50 µs", fmtUS, "≤ 3.0x direct", ratioAtMost(3.0)},
-	{"conn.p99", "New connection + first byte, 1 client", "p99 µs", fmtUS, "", nil},
-	{"conn8.rate", "New connection + first byte, 8 clients", "conn/s", fmtRate, "≥ 10,000/s", func(_, z float64) bool { return z >= 10000 }},
+	{"tp1", "Throughput, 1 stream, client → server", "Gbit/s", fmtGbps, "≥ 0.30x direct", ratioAtLeast(0.30), true, "≥ 2.0x stunnel", ratioAtLeast(2.0)},
+	{"tp1r", "Throughput, 1 stream, server → client", "Gbit/s", fmtGbps, "≥ 0.30x direct", ratioAtLeast(0.30), true, "≥ 2.0x stunnel", ratioAtLeast(2.0)},
+	{"tp8", "Throughput, 8 streams, client → server", "Gbit/s (sum)", fmtGbps, "≥ 0.45x direct", ratioAtLeast(0.45), true, "", nil},
+	{"rtt1.p50", "Round trip, 1 B echo, one connection", "p50 µs", fmtUS, "≤ 3.0x direct", ratioAtMost(3.0), false, "", nil},
+	{"rtt1.p99", "Round trip, 1 B echo, one connection", "p99 µs", fmtUS, "", nil, false, "", nil},
+	{"rtt1k.p50", "Round trip, 1 KiB echo, one connection", "p50 µs", fmtUS, "≤ 3.0x direct", ratioAtMost(3.0), false, "", nil},
+	{"rtt1k.p99", "Round trip, 1 KiB echo, one connection", "p99 µs", fmtUS, "", nil, false, "", nil},
+	{"conn.rate", "New connection + first byte, 1 client", "conn/s", fmtRate, "", nil, false, "", nil},
+	{"conn.p50", "New connection + first byte, 1 client", "p50 µs", fmtUS, "≤ 3.0x direct", ratioAtMost(3.0), false, "", nil},
+	{"conn.p99", "New connection + first byte, 1 client", "p99 µs", fmtUS, "", nil, false, "", nil},
+	{"conn8.rate", "New connection + first byte, 8 clients", "conn/s", fmtRate, "≥ 10,000/s", func(_, z float64) bool { return z >= 10000 }, false, "", nil},
 }
 
 // resRow is one line of the resources table (ztgo nodes only).
@@ -230,7 +235,8 @@ type machine struct {
 }
 
 // report renders the markdown report.
-func report(pl plan, m machine, r *results, began time.Time, elapsed time.Duration, notes, problems []string) string {
+// stunnelSkip, when not empty, says why the stunnel pair did not run.
+func report(pl plan, m machine, r *results, began time.Time, elapsed time.Duration, stunnelSkip string, notes, problems []string) string {
 	var b strings.Builder
 	p := func(format string, a ...any) { fmt.Fprintf(&b, format, a...) }
 	p("## meshbench: ztgo vs direct, %s mode\n\n", pl.name)
@@ -244,15 +250,33 @@ func report(pl plan, m machine, r *results, began time.Time, elapsed time.Durati
 	p("Machine: %s, %d cores (GOMAXPROCS %d), kernel %s, %s; ztgo: %s. Load average (1, 5, 15 min) at start %s, at end %s.\n\n",
 		m.cpuModel, m.cores, m.gomaxprocs, m.kernel, m.goVersion, m.ztgo, m.loadStart, m.loadEnd)
 
-	rounded := false
+	rounded, withStunnel := false, false
 	for _, rw := range rows {
 		if len(r.values(rw.key, "direct"))+len(r.values(rw.key, "ztgo")) > 0 {
 			rounded = true
 		}
+		if len(r.values(rw.key, "stunnel")) > 0 {
+			withStunnel = true
+		}
+	}
+	if withStunnel {
+		p("The stunnel pair (performance.md's peer) runs in the throughput workloads only, interleaved with the others "+
+			"(direct, ztgo, stunnel, direct, ztgo, stunnel ...): the client connects to a client-mode stunnel on %s, which "+
+			"speaks TLS 1.3 with a client certificate to a server stunnel on %s that verifies it against the same throwaway "+
+			"ECDSA P-256 CA (mutual TLS) and connects to the same servers; OpenSSL's default TLS 1.3 cipher suites (it picks TLS_AES_256_GCM_SHA384). "+
+			"ztgo/stunnel is the ratio of the medians.\n\n", stunnelClientIP, stunnelServerIP)
+	}
+	if stunnelSkip != "" {
+		p("**%s**\n\n", stunnelSkip)
 	}
 	if rounded {
-		p("| workload | metric | direct | ztgo | ztgo/direct | target | verdict |\n")
-		p("|---|---|---:|---:|---:|---|---|\n")
+		if withStunnel {
+			p("| workload | metric | direct | ztgo | ztgo/direct | target | verdict | stunnel pair | ztgo/stunnel | target vs stunnel | verdict vs stunnel |\n")
+			p("|---|---|---:|---:|---:|---|---|---:|---:|---|---|\n")
+		} else {
+			p("| workload | metric | direct | ztgo | ztgo/direct | target | verdict |\n")
+			p("|---|---|---:|---:|---:|---|---|\n")
+		}
 	}
 	for _, rw := range rows {
 		d, okd := r.median(rw.key, "direct")
@@ -280,7 +304,28 @@ func report(pl plan, m machine, r *results, began time.Time, elapsed time.Durati
 				}
 			}
 		}
-		p("| %s | %s | %s | %s | %s | %s | %s |\n", rw.workload, rw.metric, ds, zs, ratio, target, verdict)
+		p("| %s | %s | %s | %s | %s | %s | %s |", rw.workload, rw.metric, ds, zs, ratio, target, verdict)
+		if withStunnel {
+			ss, sratio, starget, sverdict := "—", "—", "—", "—"
+			sv, oks := r.median(rw.key, "stunnel")
+			if oks {
+				ss = rw.format(sv)
+				if okz && sv > 0 {
+					sratio = fmt.Sprintf("%.2fx", z/sv)
+				}
+			}
+			if rw.stCheck != nil {
+				starget = rw.stTarget
+				if oks && okz {
+					sverdict = "missed"
+					if rw.stCheck(sv, z) {
+						sverdict = "met"
+					}
+				}
+			}
+			p(" %s | %s | %s | %s |", ss, sratio, starget, sverdict)
+		}
+		p("\n")
 	}
 	if rounded {
 		p("\n")
@@ -314,7 +359,7 @@ func report(pl plan, m machine, r *results, began time.Time, elapsed time.Durati
 
 	machineRows := false
 	for _, k := range []string{"busy.tp1", "busy.tp1r", "busy.tp8"} {
-		if len(r.values(k, "direct"))+len(r.values(k, "ztgo")) > 0 {
+		if len(r.values(k, "direct"))+len(r.values(k, "ztgo"))+len(r.values(k, "stunnel")) > 0 {
 			machineRows = true
 		}
 	}
@@ -323,14 +368,17 @@ func report(pl plan, m machine, r *results, began time.Time, elapsed time.Durati
 			"softirq: irq and softirq, mostly loopback TCP receive work, a part of busy that is also in the bench's or the nodes' "+
 			"time when it ran in their context; steal: taken by the hypervisor; bench: this process (clients and servers); nodes: "+
 			"both ztgo processes; other: busy minus steal, bench and nodes, i.e. any other process on the machine and softirq run "+
-			"outside the bench and the nodes:\n\n", m.cores)
+			"outside the bench and the nodes (for the stunnel path: the two stunnel processes are in other):\n\n", m.cores)
 		p("| workload | path | busy | softirq | steal | bench | nodes | other |\n|---|---|---:|---:|---:|---:|---:|---:|\n")
 		for _, k := range []struct{ key, what string }{
 			{"tp1", "Throughput, 1 stream, client → server"},
 			{"tp1r", "Throughput, 1 stream, server → client"},
 			{"tp8", "Throughput, 8 streams, client → server"},
 		} {
-			for _, path := range []string{"direct", "ztgo"} {
+			for _, path := range []string{"direct", "ztgo", "stunnel"} {
+				if path == "stunnel" && len(r.values("busy."+k.key, path)) == 0 {
+					continue
+				}
 				cell := func(metric string) string {
 					if v, ok := r.median(metric, path); ok {
 						return fmt.Sprintf("%.2f", v)
@@ -361,7 +409,7 @@ func report(pl plan, m machine, r *results, began time.Time, elapsed time.Durati
 		p("\n")
 	}
 	for _, rw := range rows {
-		for _, path := range []string{"direct", "ztgo"} {
+		for _, path := range []string{"direct", "ztgo", "stunnel"} {
 			v := r.values(rw.key, path)
 			if len(v) == 0 {
 				continue
