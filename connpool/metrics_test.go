@@ -2,13 +2,10 @@ package connpool
 
 import (
 	"context"
-	"errors"
-	"net"
 	"net/netip"
 	"strings"
 	"sync/atomic"
 	"testing"
-	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
@@ -19,22 +16,9 @@ import (
 func TestMetrics(t *testing.T) {
 	dst := server(t)
 	reg := prometheus.NewRegistry()
+	var dials atomic.Int32
 	var fail atomic.Bool
-	p, err := New(Config{Dial: func(ctx context.Context, k Key) (*hbone.Conn, error) {
-		if fail.Load() {
-			return nil, errors.New("boom")
-		}
-		nc, err := net.Dial("tcp", k.Dst.String())
-		if err != nil {
-			return nil, err
-		}
-		return hbone.NewClientConn(nc, hbone.Config{Settings: hbone.Settings{MaxConcurrentStreams: 100}})
-	}, IdleTimeout: time.Minute, Registerer: reg})
-	if err != nil {
-		t.Fatal(err)
-	}
-	p.Start()
-	t.Cleanup(p.Close)
+	p := newRegisteredPool(t, &dials, &fail, reg)
 	gauge := func(name string) float64 {
 		t.Helper()
 		mfs, err := reg.Gather()

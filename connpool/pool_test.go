@@ -10,6 +10,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
 	"github.com/ztgo/ztgo/stages/hbone"
 )
 
@@ -63,6 +66,12 @@ func server(t *testing.T) netip.AddrPort {
 
 func newPool(t *testing.T, dials *atomic.Int32, fail *atomic.Bool) *Pool {
 	t.Helper()
+	return newRegisteredPool(t, dials, fail, nil)
+}
+
+// newRegisteredPool is newPool with its metrics registered on reg.
+func newRegisteredPool(t *testing.T, dials *atomic.Int32, fail *atomic.Bool, reg prometheus.Registerer) *Pool {
+	t.Helper()
 	p, err := New(Config{Dial: func(ctx context.Context, k Key) (*hbone.Conn, error) {
 		dials.Add(1)
 		if fail != nil && fail.Load() {
@@ -75,7 +84,7 @@ func newPool(t *testing.T, dials *atomic.Int32, fail *atomic.Bool) *Pool {
 			return nil, err
 		}
 		return hbone.NewClientConn(nc, hbone.Config{Settings: hbone.Settings{MaxConcurrentStreams: 100}})
-	}, IdleTimeout: time.Minute})
+	}, IdleTimeout: time.Minute, Registerer: reg})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -322,6 +331,9 @@ func TestCloseWhereScope(t *testing.T) {
 	}
 	if n := p.CloseWhere(func(k Key) bool { return k.Scope == "pod-a" }); n != 1 {
 		t.Fatalf("closed %d, want 1", n)
+	}
+	if n := testutil.ToFloat64(p.metrics.conns); n != 1 {
+		t.Fatalf("ztgo_pool_connections = %v after closing one of two, want 1", n)
 	}
 	select {
 	case <-ca.Done():

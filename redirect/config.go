@@ -142,9 +142,6 @@ type SocketConfig struct {
 	// own upstream connections: only for setups without in-pod rules).
 	Mark   uint32
 	NoMark bool
-	// NoTransparent disables IP_TRANSPARENT on the inbound listeners (ztunnel sets it when
-	// original-source preservation is enabled, the default).
-	NoTransparent bool
 	// ConnectTimeout bounds an upstream connect; default 10 s (ztunnel's).
 	ConnectTimeout time.Duration
 	// Keepalive of accepted and dialed connections; zero values take ztunnel's 180 s idle,

@@ -49,15 +49,24 @@ func CurrentNetns() (Netns, error) {
 }
 
 func newNetns(f *os.File, source string) (Netns, error) {
-	fd := int(f.Fd())
-	if err := validateNetns(fd); err != nil {
+	id, err := IdentifyNetns(int(f.Fd()))
+	if err != nil {
 		return Netns{}, fmt.Errorf("netns %s: %w", source, err)
+	}
+	return Netns{h: &nsHandle{f: f, id: id, source: source}}, nil
+}
+
+// IdentifyNetns checks that fd is a network namespace and returns its identity. It does not
+// take ownership of fd.
+func IdentifyNetns(fd int) (NetnsID, error) {
+	if err := validateNetns(fd); err != nil {
+		return NetnsID{}, err
 	}
 	var st unix.Stat_t
 	if err := unix.Fstat(fd, &st); err != nil {
-		return Netns{}, fmt.Errorf("netns %s: fstat: %w", source, err)
+		return NetnsID{}, fmt.Errorf("fstat: %w", err)
 	}
-	return Netns{h: &nsHandle{f: f, id: NetnsID{Dev: st.Dev, Ino: st.Ino}, source: source}}, nil
+	return NetnsID{Dev: st.Dev, Ino: st.Ino}, nil
 }
 
 // ErrNotNetns is returned for a file that is not a network namespace.
@@ -138,14 +147,23 @@ func (n Netns) enterRun(fd int, fn func() error) (restored bool, err error) {
 // Dup returns an independent handle to the same namespace, with its own fd: the caller
 // closes it on its own schedule, whatever happens to n.
 func (n Netns) Dup() (Netns, error) {
-	var out Netns
-	err := n.withFd(func(fd int) error {
-		nfd, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 0)
-		if err != nil {
+	fd, err := n.DupFd()
+	if err != nil {
+		return Netns{}, err
+	}
+	return Netns{h: &nsHandle{f: os.NewFile(uintptr(fd), n.h.source), id: n.h.id, source: n.h.source}}, nil
+}
+
+// DupFd returns a new close-on-exec fd for the namespace, owned by the caller: for code that
+// takes a raw fd, such as a ZDS server passing the namespace to a proxy (SCM_RIGHTS).
+func (n Netns) DupFd() (int, error) {
+	fd := -1
+	err := n.withFd(func(nsfd int) error {
+		var err error
+		if fd, err = unix.FcntlInt(uintptr(nsfd), unix.F_DUPFD_CLOEXEC, 0); err != nil {
 			return fmt.Errorf("dup %s: %w", n.h.id, err)
 		}
-		out = Netns{h: &nsHandle{f: os.NewFile(uintptr(nfd), n.h.source), id: n.h.id, source: n.h.source}}
 		return nil
 	})
-	return out, err
+	return fd, err
 }

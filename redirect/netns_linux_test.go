@@ -57,12 +57,8 @@ func TestPrivilegedNetnsHandles(t *testing.T) {
 	}
 
 	t.Run("same namespace, same identity, however opened", func(t *testing.T) {
-		var dup int
-		if err := pod.withFd(func(fd int) error {
-			var err error
-			dup, err = unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 0)
-			return err
-		}); err != nil {
+		dup, err := pod.DupFd()
+		if err != nil {
 			t.Fatal(err)
 		}
 		fromFD, err := NetnsFromFD(dup)
@@ -80,6 +76,26 @@ func TestPrivilegedNetnsHandles(t *testing.T) {
 		defer viaProc.Close()
 		if viaProc.ID() != pod.ID() {
 			t.Fatalf("/proc path handle %s, want %s", viaProc.ID(), pod.ID())
+		}
+		// Dup's handle has an fd of its own: it outlives the handle it came from.
+		src, err := pod.Dup()
+		if err != nil {
+			t.Fatal(err)
+		}
+		own, err := src.Dup()
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer own.Close()
+		src.Close()
+		if !own.Valid() || own.ID() != pod.ID() {
+			t.Fatalf("dup valid %v, %s, want %s", own.Valid(), own.ID(), pod.ID())
+		}
+		if err := own.Do(func() error { return nil }); err != nil {
+			t.Fatalf("Do on the dup after the original closed: %v", err)
+		}
+		if _, err := src.DupFd(); err == nil {
+			t.Fatal("DupFd of a closed handle succeeded")
 		}
 	})
 

@@ -169,7 +169,7 @@ func (s *session) replaceTable(d desired) error {
 			Table:    t,
 			Chain:    chains[r.chain],
 			Exprs:    ruleExprs(r),
-			UserData: userdata.AppendString(nil, userdata.TypeComment, r.comment),
+			UserData: commentData(r),
 		})
 	}
 	if err := s.nft.Flush(); err != nil {
@@ -475,10 +475,9 @@ func isDefault(dst *net.IPNet) bool {
 	return ones == 0 && dst.IP.IsUnspecified()
 }
 
-// isOurRoute matches "local default dev lo table 100"; lo may be nil to match any device.
-func isOurRoute(r netlink.Route, lo netlink.Link) bool {
-	return r.Table == RouteTable && r.Type == unix.RTN_LOCAL && isDefault(r.Dst) &&
-		(lo == nil || r.LinkIndex == lo.Attrs().Index)
+// isOurRoute matches "local default table 100" on any device.
+func isOurRoute(r netlink.Route) bool {
+	return r.Table == RouteTable && r.Type == unix.RTN_LOCAL && isDefault(r.Dst)
 }
 
 // retryDump repeats a netlink dump the kernel reported as interrupted by a concurrent change.
@@ -529,7 +528,7 @@ func (s *session) routingState(fam int, lo netlink.Link) (routingState, error) {
 		return st, fmt.Errorf("list %s routes: %w", famName(fam), err)
 	}
 	for _, r := range routes {
-		if isOurRoute(r, nil) {
+		if isOurRoute(r) {
 			st.routes = append(st.routes, r)
 			if lo != nil && r.LinkIndex == lo.Attrs().Index {
 				st.onLo = true

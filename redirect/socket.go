@@ -22,12 +22,6 @@ func NewSocketFactory(ns Netns, cfg SocketConfig) (*SocketFactory, error) {
 	return &SocketFactory{ns: ns, cfg: cfg.withDefaults()}, nil
 }
 
-// Netns returns the pod namespace the factory opens sockets in.
-func (f *SocketFactory) Netns() Netns { return f.ns }
-
-// Config returns the factory's settings with defaults filled in.
-func (f *SocketFactory) Config() SocketConfig { return f.cfg }
-
 // Listeners are the capture listeners of one pod, as ztunnel opens them in in-pod mode.
 type Listeners struct {
 	Outbound         *net.TCPListener   // [::]:15001 (or 0.0.0.0 without IPv6)

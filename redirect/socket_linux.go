@@ -137,12 +137,12 @@ func (f *SocketFactory) ListenOutbound() (*net.TCPListener, error) {
 
 // ListenInboundPlaintext opens the inbound plaintext capture listener (15006).
 func (f *SocketFactory) ListenInboundPlaintext() (*net.TCPListener, error) {
-	return f.ListenTCP(wildcard(f.cfg.Ports.InboundPlaintext), !f.cfg.NoTransparent)
+	return f.ListenTCP(wildcard(f.cfg.Ports.InboundPlaintext), true)
 }
 
 // ListenInboundHBONE opens the inbound HBONE listener (15008).
 func (f *SocketFactory) ListenInboundHBONE() (*net.TCPListener, error) {
-	return f.ListenTCP(wildcard(f.cfg.Ports.InboundHBONE), !f.cfg.NoTransparent)
+	return f.ListenTCP(wildcard(f.cfg.Ports.InboundHBONE), true)
 }
 
 // ListenDNS opens the DNS proxy sockets, TCP and UDP, on 127.0.0.1 and ::1 (the addresses the
@@ -321,6 +321,12 @@ func (f *SocketFactory) prepareDial(fd int, src netip.Addr, v6, transparent bool
 		}
 	}
 	if src.IsValid() {
+		// Without this, bind picks a port unique to src, and churn from one client address
+		// runs out of ports while old connections sit in TIME_WAIT; with it the port is
+		// chosen at connect, unique per 4-tuple (as stages/upstream does).
+		if err := unix.SetsockoptInt(fd, unix.SOL_IP, unix.IP_BIND_ADDRESS_NO_PORT, 1); err != nil {
+			return fmt.Errorf("set IP_BIND_ADDRESS_NO_PORT: %w", err)
+		}
 		if err := unix.Bind(fd, sockaddr(netip.AddrPortFrom(src, 0))); err != nil {
 			return fmt.Errorf("bind %s: %w", src, err)
 		}

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"net"
 	"net/netip"
+	"os"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -146,6 +148,82 @@ func TestPrivilegedSocketFactory(t *testing.T) {
 		}
 	})
 
+	t.Run("transparent dials from one source share its ports", func(t *testing.T) {
+		// One local port for the whole namespace: two connections from the same source
+		// address to two destinations both get it only if the port is chosen per 4-tuple at
+		// connect (IP_BIND_ADDRESS_NO_PORT), not reserved for the address at bind.
+		apps := []*net.TCPListener{listenIn(t, ns, "127.0.0.1:15101"), listenIn(t, ns, "127.0.0.1:15102")}
+		old := sysctlIn(t, ns, "net/ipv4/ip_local_port_range", "40000 40000")
+		t.Cleanup(func() { sysctlIn(t, ns, "net/ipv4/ip_local_port_range", old) })
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		src := netip.MustParseAddr("127.0.0.2")
+		for _, app := range apps {
+			c, err := f.DialTransparent(ctx, src, app.Addr().(*net.TCPAddr).AddrPort())
+			if err != nil {
+				t.Fatalf("transparent dial to %s: %v", app.Addr(), err)
+			}
+			defer c.Close()
+			if got := c.LocalAddr().(*net.TCPAddr).AddrPort(); got != netip.AddrPortFrom(src, 40000) {
+				t.Errorf("dial to %s from %s, want %s:40000", app.Addr(), got, src)
+			}
+			if tr := sockopt(t, c, unix.SOL_IP, unix.IP_TRANSPARENT); tr != 1 {
+				t.Errorf("IP_TRANSPARENT %d", tr)
+			}
+			accept(t, app, 5*time.Second)
+		}
+	})
+
+	t.Run("UDP and DialContext from the pod namespace", func(t *testing.T) {
+		var srv *net.UDPConn
+		if err := ns.Do(func() error {
+			var err error
+			srv, err = net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+		defer srv.Close()
+		dst := srv.LocalAddr().(*net.UDPAddr).AddrPort()
+		ctx := context.Background()
+		c, err := f.DialContext(ctx, "udp", dst.String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		uc, ok := c.(*net.UDPConn)
+		if !ok {
+			t.Fatalf("DialContext udp: %T", c)
+		}
+		if m := sockopt(t, uc, unix.SOL_SOCKET, unix.SO_MARK); m != 0x539 {
+			t.Errorf("UDP SO_MARK %#x", m)
+		}
+		// 127.0.0.1 of the pod, not of the host: the datagram reaches the pod's socket.
+		if _, err := c.Write([]byte("q")); err != nil {
+			t.Fatal(err)
+		}
+		srv.SetReadDeadline(time.Now().Add(5 * time.Second))
+		buf := make([]byte, 8)
+		n, from, err := srv.ReadFromUDPAddrPort(buf)
+		if err != nil || string(buf[:n]) != "q" || from != c.LocalAddr().(*net.UDPAddr).AddrPort() {
+			t.Fatalf("pod socket read %q from %s (%v), want \"q\" from %s", buf[:n], from, err, c.LocalAddr())
+		}
+
+		app := listenIn(t, ns, "127.0.0.1:0")
+		tc, err := f.DialContext(ctx, "tcp4", app.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		tc.Close()
+		accept(t, app, 5*time.Second)
+		if c, err := f.DialContext(ctx, "sctp", dst.String()); err == nil || c != nil {
+			t.Errorf("sctp: %v, %v", c, err)
+		}
+		if c, err := f.DialContext(ctx, "tcp", "localhost:80"); err == nil || c != nil {
+			t.Errorf("host name: %v, %v", c, err)
+		}
+	})
+
 	t.Run("connect timeout and cancellation", func(t *testing.T) {
 		// A veth pair whose far end has no address: ARP for 198.18.9.9 goes unanswered, so a
 		// connect to it stays pending (for about 3 s, until the neighbour entry fails).
@@ -197,4 +275,21 @@ func TestPrivilegedSocketFactory(t *testing.T) {
 			t.Fatalf("want ENETUNREACH for an unrouted address, got %v", err)
 		}
 	})
+}
+
+// sysctlIn sets a sysctl of ns's namespace (path under /proc/sys) and returns its old value.
+func sysctlIn(t *testing.T, ns Netns, key, val string) string {
+	t.Helper()
+	var old []byte
+	if err := ns.Do(func() error {
+		path := "/proc/sys/" + key
+		var err error
+		if old, err = os.ReadFile(path); err != nil {
+			return err
+		}
+		return os.WriteFile(path, []byte(val), 0o644)
+	}); err != nil {
+		t.Fatalf("sysctl %s=%s in %s: %v", key, val, ns, err)
+	}
+	return strings.TrimSpace(string(old))
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net"
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -18,18 +19,19 @@ type testPod struct {
 	dst  netip.AddrPort
 	w    *snapshot.Workload
 	err  error
-	dial []netip.AddrPort
+	dial []string // "dial <dst>" or "transparent <src> <dst>", in order
 }
 
 func (p *testPod) Workload(ctx context.Context, s *snapshot.Snapshot) (*snapshot.Workload, *snapshot.Snapshot, error) {
 	return p.w, s, p.err
 }
 func (p *testPod) Dial(ctx context.Context, dst netip.AddrPort) (*net.TCPConn, error) {
-	p.dial = append(p.dial, dst)
+	p.dial = append(p.dial, "dial "+dst.String())
 	return nil, errors.New("no dial in this test")
 }
 func (p *testPod) DialTransparent(ctx context.Context, src netip.Addr, dst netip.AddrPort) (*net.TCPConn, error) {
-	return p.Dial(ctx, dst)
+	p.dial = append(p.dial, "transparent "+src.String()+" "+dst.String())
+	return nil, errors.New("no dial in this test")
 }
 func (p *testPod) OriginalDst(c *net.TCPConn) (netip.AddrPort, error) { return p.dst, nil }
 func (p *testPod) Scope() string                                      { return "test" }
@@ -123,20 +125,26 @@ func TestCaptureInPod(t *testing.T) {
 }
 
 // Upstream dials of captured flows go through the pod (its namespace), never the node's
-// dialer.
+// dialer: outbound from the pod's own address, inbound plaintext keeping the client's
+// (unless it is the destination's own).
 func TestUpstreamDialsThroughPod(t *testing.T) {
 	pod := &testPod{}
 	h := &Handlers{}
 	h.Stages(1, 1)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 	defer cancel()
-	for _, dir := range []Direction{Outbound, InboundPlain} {
-		f := &Flow{Dir: dir, Pod: pod, UpAddr: netip.MustParseAddrPort("198.18.9.9:80"), Src: netip.MustParseAddrPort("198.18.1.1:1")}
+	up := netip.MustParseAddrPort("198.18.9.9:80")
+	for _, tc := range []struct {
+		dir Direction
+		src string
+	}{{Outbound, "198.18.1.1:1"}, {InboundPlain, "198.18.1.1:1"}, {InboundPlain, "198.18.9.9:2"}} {
+		f := &Flow{Dir: tc.dir, Pod: pod, UpAddr: up, Src: netip.MustParseAddrPort(tc.src)}
 		if v := h.upstream(ctx, f); v != Stop || f.Failure != FailConnect {
-			t.Fatalf("%v: verdict %v failure %v", dir, v, f.Failure)
+			t.Fatalf("%v: verdict %v failure %v", tc.dir, v, f.Failure)
 		}
 	}
-	if len(pod.dial) != 2 {
-		t.Fatalf("pod dialled %v, want both flows", pod.dial)
+	want := []string{"dial 198.18.9.9:80", "transparent 198.18.1.1 198.18.9.9:80", "transparent invalid IP 198.18.9.9:80"}
+	if !slices.Equal(pod.dial, want) {
+		t.Fatalf("pod dialled %q, want %q", pod.dial, want)
 	}
 }

@@ -162,6 +162,27 @@ ztgo_stage_mailbox_depth{stage="upstream"} 0
 	}
 }
 
+// After Stop the pipeline takes no flow: an accept loop learns it from the error and ends,
+// and no flow lands in a mailbox nobody drains.
+func TestSubmitAfterStop(t *testing.T) {
+	p, _ := newTestPipeline(t, func(ID) Stage {
+		return StageFunc(func(context.Context, *Flow) Verdict { return Next })
+	}, 8, nil)
+	p.Stop()
+	snap := empty(t)
+	if err := p.Submit(context.Background(), p.NewFlow(Outbound, snap, Capture)); !errors.Is(err, ErrStopped) {
+		t.Errorf("Submit after Stop = %v, want ErrStopped", err)
+	}
+	if err := p.TrySubmit(p.NewFlow(Inbound, snap, Capture)); !errors.Is(err, ErrStopped) {
+		t.Errorf("TrySubmit after Stop = %v, want ErrStopped", err)
+	}
+	for _, a := range p.actors {
+		if n := len(a.mailbox); n != 0 {
+			t.Errorf("%s mailbox holds %d flows after Stop", a.id, n)
+		}
+	}
+}
+
 func TestClassify(t *testing.T) {
 	for _, tc := range []struct {
 		err  error

@@ -1,15 +1,12 @@
 package main
 
 import (
-	"net"
 	"net/netip"
-	"strconv"
 	"testing"
 
 	"github.com/ztgo/ztgo/control/localfile"
 	"github.com/ztgo/ztgo/control/snapshot"
 	"github.com/ztgo/ztgo/stages/authz"
-	"github.com/ztgo/ztgo/stages/capture"
 	"github.com/ztgo/ztgo/tls/spiffe"
 )
 
@@ -74,42 +71,6 @@ func TestMeshConfig(t *testing.T) {
 	prod := spiffe.ID{TrustDomain: "cluster.local", Namespace: "prod", ServiceAccount: "batch"}
 	if !decide(prod, "127.0.9.9", db, dbIP, dbPort) {
 		t.Error("prod/batch -> db is denied, want allowed: the policy must admit namespace prod")
-	}
-}
-
-// TestSOCKSHandshake runs the demo's SOCKS5 client against ztgo's SOCKS5 server code.
-func TestSOCKSHandshake(t *testing.T) {
-	for _, tc := range []struct {
-		host  string
-		port  uint16
-		reply byte
-		want  capture.Target
-	}{
-		{echoHost, echoSvcPort, capture.ReplySucceeded, capture.Target{Host: echoHost, Port: echoSvcPort}},
-		{dbIP, dbPort, capture.ReplyNotAllowed, capture.Target{Addr: netip.MustParseAddrPort(dbIP + ":" + strconv.Itoa(dbPort))}},
-	} {
-		cli, srv := net.Pipe()
-		got := make(chan capture.Target, 1)
-		go func() {
-			defer srv.Close()
-			target, err := capture.Handshake(srv)
-			if err != nil {
-				t.Errorf("server: %v", err)
-			}
-			got <- target
-			capture.WriteReply(srv, tc.reply, netip.MustParseAddrPort("127.0.0.7:4242"))
-		}()
-		reply, bound, err := socksHandshake(cli, tc.host, tc.port)
-		cli.Close()
-		if err != nil {
-			t.Fatalf("%s: %v", tc.host, err)
-		}
-		if target := <-got; target != tc.want {
-			t.Errorf("%s: server saw %+v, want %+v", tc.host, target, tc.want)
-		}
-		if reply != tc.reply || bound.String() != "127.0.0.7:4242" {
-			t.Errorf("%s: reply %d bound %s, want %d 127.0.0.7:4242", tc.host, reply, bound, tc.reply)
-		}
 	}
 }
 

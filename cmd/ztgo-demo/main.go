@@ -159,8 +159,8 @@ func run(parent context.Context, o options, p *printer) int {
 		var notes []string
 		for i := len(nodes) - 1; i >= 0; i-- {
 			n := nodes[i]
-			if err := n.stop(stopGrace); err != nil {
-				notes = append(notes, fmt.Sprintf("%s: %v", n.name, err))
+			if err := n.Stop(stopGrace); err != nil {
+				notes = append(notes, fmt.Sprintf("%s: %v", n.Name, err))
 			}
 		}
 		nodes = nil
@@ -181,16 +181,16 @@ func run(parent context.Context, o options, p *printer) int {
 		t0 := time.Now()
 		n, err := startNode(bin, dir, caDir, s.name, s.host)
 		if err != nil {
-			p.printf("%s %v\n", p.bad("error"), err)
+			p.printf("%s %v%s\n", p.bad("error"), err, inUseHint(err))
 			return 1
 		}
 		nodes = append(nodes, n)
-		if err := n.waitReady(ctx, readyTimeout); err != nil {
-			p.printf("%s %v%s\n", p.bad("error"), err, inUseHint(errors.New(strings.Join(n.logTail(8), "\n"))))
-			if tail := n.logTail(8); len(tail) == 0 {
-				p.printf("       %s is empty\n", n.logPath)
+		if err := n.WaitReady(ctx, readyTimeout); err != nil {
+			p.printf("%s %v%s\n", p.bad("error"), err, inUseHint(errors.New(strings.Join(n.LogTail(8), "\n"))))
+			if tail := n.LogTail(8); len(tail) == 0 {
+				p.printf("       %s is empty\n", n.LogPath)
 			} else {
-				p.printf("       last lines of %s:\n", n.logPath)
+				p.printf("       last lines of %s:\n", n.LogPath)
 				for _, l := range tail {
 					p.printf("         %s\n", l)
 				}
@@ -209,7 +209,7 @@ func run(parent context.Context, o options, p *printer) int {
 
 	// Traffic.
 	a, b := nodes[0], nodes[1]
-	socks := a.socks5Addr()
+	socks := a.SOCKS5Addr()
 	results := []*flowResult{
 		{n: 1, target: echoHost + ":" + strconv.Itoa(echoSvcPort), what: "(by name)", expect: "allowed"},
 		{n: 2, target: hostPort(dbIP, dbPort), what: "(db, namespace prod)", expect: "denied"},
@@ -242,8 +242,8 @@ func run(parent context.Context, o options, p *printer) int {
 	p.printf("\n")
 
 	// Metrics and admin pages.
-	p.printf("%s %s\n", p.bold("metrics"), p.dim("node-b "+b.metricsURL()+", labels abridged"))
-	if body, err := b.get(b.metricsURL()); err != nil {
+	p.printf("%s %s\n", p.bold("metrics"), p.dim("node-b "+b.MetricsURL()+", labels abridged"))
+	if body, err := b.get(b.MetricsURL()); err != nil {
 		p.printf("  %s %v\n", p.bad("warning"), err)
 	} else {
 		os.WriteFile(filepath.Join(dir, "node-b.metrics.txt"), body, 0o644)
@@ -258,7 +258,7 @@ func run(parent context.Context, o options, p *printer) int {
 		}
 	}
 	p.printf("\n")
-	p.row(0, "admin", fmt.Sprintf("node-a %s/   node-b %s/   %s", a.adminURL(), b.adminURL(),
+	p.row(0, "admin", fmt.Sprintf("node-a %s/   node-b %s/   %s", a.AdminURL(), b.AdminURL(),
 		p.dim("(/config_dump, /debug/flows, /debug/pprof/)")))
 	if o.hold {
 		p.row(0, "holding", "both nodes keep running; press Ctrl-C to stop them")

@@ -6,15 +6,12 @@ const (
 	nodeA = "node-a"
 	nodeB = "node-b"
 
-	// Each node's own listeners (SOCKS5, admin, metrics, readiness) bind its host address.
+	// Each node's own listeners (SOCKS5, admin, metrics, readiness; e2e/nodeproc) bind its
+	// host address.
 	hostA = "127.0.1.1"
 	hostB = "127.0.2.1"
 
-	socks5Port    = 15080
-	adminPort     = 15000
-	metricsPort   = 15020
-	readinessPort = 15021
-	hbonePort     = 15008
+	hbonePort = 15008
 
 	clientIP = "127.0.1.10" // workload client (default/sleep) on node-a
 

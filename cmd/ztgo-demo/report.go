@@ -7,6 +7,8 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+
+	"github.com/ztgo/ztgo/e2e/socks5"
 )
 
 // printer writes the demo's report; colour only when it writes to a terminal.
@@ -87,7 +89,7 @@ func (p *printer) flowReport(r *flowResult, width int) {
 
 	if r.expect == "denied" {
 		if r.replied {
-			p.row(in, "socks5", fmt.Sprintf("reply %d (%s); db app accepted %d connections", r.reply, socksReplyText(r.reply), r.appConns))
+			p.row(in, "socks5", fmt.Sprintf("reply %d (%s); db app accepted %d connections", r.reply, socks5.ReplyText(r.reply), r.appConns))
 		}
 	} else {
 		var data []string

@@ -10,10 +10,11 @@ import (
 	"fmt"
 	"io"
 	"math/rand/v2"
-	"net"
 	"net/netip"
 	"strings"
 	"time"
+
+	"github.com/ztgo/ztgo/e2e/socks5"
 )
 
 const (
@@ -64,7 +65,7 @@ func echoFlow(ctx context.Context, r *flowResult, socks string, host string, por
 	}
 	r.reply, r.replied = sc.Reply, true
 	if sc.Reply != 0 {
-		r.fail("SOCKS5 reply %d (%s), want 0", sc.Reply, socksReplyText(sc.Reply))
+		r.fail("SOCKS5 reply %d (%s), want 0", sc.Reply, socks5.ReplyText(sc.Reply))
 		return
 	}
 	c := sc.Conn
@@ -113,7 +114,7 @@ func echoFlow(ctx context.Context, r *flowResult, socks string, host string, por
 		n, err := c.Write(payload)
 		r.sent += int64(n)
 		if err == nil {
-			err = c.(*net.TCPConn).CloseWrite()
+			err = c.CloseWrite()
 		}
 		werr <- err
 	}()
@@ -173,7 +174,7 @@ func denyFlow(ctx context.Context, r *flowResult, socks string, host string, por
 		sc.Conn.Close()
 	}
 	if sc.Reply != 2 {
-		r.fail("SOCKS5 reply %d (%s), want 2 (%s)", sc.Reply, socksReplyText(sc.Reply), socksReplyText(2))
+		r.fail("SOCKS5 reply %d (%s), want 2 (%s)", sc.Reply, socks5.ReplyText(sc.Reply), socks5.ReplyText(2))
 	}
 }
 

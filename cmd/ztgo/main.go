@@ -140,6 +140,22 @@ func token() (file, literal string) {
 	return "", v
 }
 
+// newLogger is the process's logger from --log-level and --log-format, writing to w.
+func newLogger(w io.Writer, levelText, format string) (*slog.Logger, *slog.LevelVar, error) {
+	level := new(slog.LevelVar)
+	if err := level.UnmarshalText([]byte(levelText)); err != nil {
+		return nil, nil, fmt.Errorf("--log-level: %v", err)
+	}
+	opts := &slog.HandlerOptions{Level: level}
+	switch format {
+	case "json":
+		return slog.New(slog.NewJSONHandler(w, opts)), level, nil
+	case "text", "":
+		return slog.New(slog.NewTextHandler(w, opts)), level, nil
+	}
+	return nil, nil, fmt.Errorf("--log-format %q: want text or json", format)
+}
+
 func runNode(args []string, stderr io.Writer) int {
 	fs := flag.NewFlagSet("ztgo run", flag.ContinueOnError)
 	fs.SetOutput(stderr)
@@ -174,23 +190,11 @@ func runNode(args []string, stderr io.Writer) int {
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
-	level := new(slog.LevelVar)
-	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
-		fmt.Fprintf(stderr, "ztgo: --log-level: %v\n", err)
+	log, level, err := newLogger(stderr, *logLevel, *logFormat)
+	if err != nil {
+		fmt.Fprintf(stderr, "ztgo: %v\n", err)
 		return 2
 	}
-	var h slog.Handler
-	opts := &slog.HandlerOptions{Level: level}
-	switch *logFormat {
-	case "json":
-		h = slog.NewJSONHandler(stderr, opts)
-	case "text", "":
-		h = slog.NewTextHandler(stderr, opts)
-	default:
-		fmt.Fprintf(stderr, "ztgo: --log-format %q: want text or json\n", *logFormat)
-		return 2
-	}
-	log := slog.New(h)
 	setFlags := map[string]bool{}
 	fs.Visit(func(f *flag.Flag) { setFlags[f.Name] = true })
 	inPod := *inpodUDS != "" || *podsDir != ""

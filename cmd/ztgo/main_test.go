@@ -22,6 +22,26 @@ func TestVersionAndUsage(t *testing.T) {
 	}
 }
 
+func TestNodeAgentFlags(t *testing.T) {
+	t.Setenv("ZTGO_PODS_DIR", "")
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--log-level", "loud"}, "ztgo node-agent: --log-level: "},
+		{[]string{"--pods-dir", "/x", "--log-format", "xml"}, `ztgo node-agent: --log-format "xml": want text or json`},
+		{nil, "--pods-dir is required"},
+		{[]string{"--pods-dir", "/x", "--mark", "4096"}, "--mark 4096: want 0..4095"},
+		{[]string{"--pods-dir", "/x", "--poll", "0s"}, "--poll and --retry must be positive"},
+		{[]string{"--pods-dir", "/x", "extra"}, "unexpected arguments"},
+	} {
+		var out, errb bytes.Buffer
+		if code := run(append([]string{"node-agent"}, tc.args...), &out, &errb); code != 2 || !strings.Contains(errb.String(), tc.want) {
+			t.Errorf("node-agent %q: %d %q, want 2 and %q", tc.args, code, errb.String(), tc.want)
+		}
+	}
+}
+
 func TestEmbeddedDefaultConfigIsValid(t *testing.T) {
 	snap, err := localfile.Load(defaultConfig)
 	if err != nil {

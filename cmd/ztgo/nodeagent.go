@@ -6,7 +6,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"log/slog"
 	"net"
 	"net/http"
 	"os/signal"
@@ -49,23 +48,11 @@ func runNodeAgent(args []string, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "ztgo node-agent: unexpected arguments %q\n", fs.Args())
 		return 2
 	}
-	level := new(slog.LevelVar)
-	if err := level.UnmarshalText([]byte(*logLevel)); err != nil {
-		fmt.Fprintf(stderr, "ztgo node-agent: --log-level: %v\n", err)
+	log, _, err := newLogger(stderr, *logLevel, *logFormat)
+	if err != nil {
+		fmt.Fprintf(stderr, "ztgo node-agent: %v\n", err)
 		return 2
 	}
-	opts := &slog.HandlerOptions{Level: level}
-	var h slog.Handler
-	switch *logFormat {
-	case "json":
-		h = slog.NewJSONHandler(stderr, opts)
-	case "text", "":
-		h = slog.NewTextHandler(stderr, opts)
-	default:
-		fmt.Fprintf(stderr, "ztgo node-agent: --log-format %q: want text or json\n", *logFormat)
-		return 2
-	}
-	log := slog.New(h)
 	switch {
 	case *podsDir == "":
 		fmt.Fprintln(stderr, "ztgo node-agent: --pods-dir is required (env ZTGO_PODS_DIR)")

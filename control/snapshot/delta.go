@@ -1,7 +1,6 @@
 package snapshot
 
 import (
-	"errors"
 	"slices"
 	"strings"
 	"time"
@@ -46,95 +45,58 @@ func (e ResourceError) Unwrap() error { return e.Err }
 // one Build gives for the config s and d add up to.
 func (s *Snapshot) Apply(d Delta) (*Snapshot, []ResourceError) {
 	var rerrs []ResourceError
-
-	// Net change per key first, so each key is changed once: a removal and an upsert of one key
-	// in the same delta, or two upserts, must not be applied one after the other to the lists.
-	var wl map[string]*Workload
-	if n := len(d.RemovedWorkloads) + len(d.Workloads); n > 0 {
-		wl = make(map[string]*Workload, n)
-	}
-	for _, uid := range d.RemovedWorkloads {
-		wl[uid] = nil
-	}
-	for _, w := range d.Workloads {
-		if err := validateWorkload(w); err != nil {
-			rerrs = append(rerrs, ResourceError{Kind: "workload", Name: workloadName(w), Err: err})
-			continue
-		}
-		wl[w.UID] = w
-	}
-	var svcs map[NamespacedHostname]*Service
-	if n := len(d.RemovedServices) + len(d.Services); n > 0 {
-		svcs = make(map[NamespacedHostname]*Service, n)
-	}
-	for _, k := range d.RemovedServices {
-		svcs[k] = nil
-	}
-	for _, svc := range d.Services {
-		if err := validateService(svc); err != nil {
-			rerrs = append(rerrs, ResourceError{Kind: "service", Name: serviceName(svc), Err: err})
-			continue
-		}
-		svcs[svc.Key()] = svc
-	}
-	var pols map[string]*Policy
-	if n := len(d.RemovedPolicies) + len(d.Policies); n > 0 {
-		pols = make(map[string]*Policy, n)
-	}
-	for _, k := range d.RemovedPolicies {
-		pols[k] = nil
-	}
-	for _, p := range d.Policies {
-		if err := validatePolicy(p); err != nil {
-			rerrs = append(rerrs, ResourceError{Kind: "policy", Name: policyName(p), Err: err})
-			continue
-		}
-		pols[p.key] = p
-	}
+	wl := netChanges(d.RemovedWorkloads, d.Workloads, "workload", validateWorkload, workloadUID, workloadName, &rerrs)
+	svcs := netChanges(d.RemovedServices, d.Services, "service", checkService, (*Service).Key, serviceName, &rerrs)
+	pols := netChanges(d.RemovedPolicies, d.Policies, "policy", checkPolicy, policyKey, policyName, &rerrs)
 
 	b := newBuilder(&s.idx, len(d.Workloads), len(d.Services), len(d.Policies))
-	for key, svc := range svcs {
-		if old := s.ServiceByKey(key); old != nil || svc != nil {
-			b.changeService(old, svc)
-		}
-	}
-	for key, p := range pols {
-		if old := s.PolicyByKey(key); old != nil || p != nil {
-			b.changePolicy(old, p)
-		}
-	}
-	for uid, w := range wl {
-		if old := s.WorkloadByUID(uid); old != nil || w != nil {
-			b.changeWorkload(old, w)
-		}
-	}
+	applyChanges(svcs, s.ServiceByKey, b.changeService)
+	applyChanges(pols, s.PolicyByKey, b.changePolicy)
+	applyChanges(wl, s.WorkloadByUID, b.changeWorkload)
 	return b.finish(), rerrs
 }
 
-// The validators run the same checks as Build, so a resource is judged alone; they also fill
-// the defaults Build would.
-func validateWorkload(w *Workload) error {
-	if w == nil {
-		return errors.New("nil workload")
+// netChanges returns a delta's net change to one kind of resource, by key: nil for a removal,
+// else the last valid upsert. Each key is then changed once: a removal and an upsert of one key
+// in the same delta, or two upserts, must not be applied one after the other to the lists. An
+// upsert that fails check (which runs Build's checks on it alone and fills the defaults Build
+// would) is added to rerrs and left out.
+func netChanges[K comparable, T any](removed []K, upserts []*T, kind string, check func(*T) error,
+	key func(*T) K, name func(*T) string, rerrs *[]ResourceError) map[K]*T {
+	if len(removed)+len(upserts) == 0 {
+		return nil
 	}
+	m := make(map[K]*T, len(removed)+len(upserts))
+	for _, k := range removed {
+		m[k] = nil
+	}
+	for _, v := range upserts {
+		if err := check(v); err != nil {
+			*rerrs = append(*rerrs, ResourceError{Kind: kind, Name: name(v), Err: err})
+			continue
+		}
+		m[key(v)] = v
+	}
+	return m
+}
+
+// applyChanges hands change each net change that changes something, with the object s holds
+// under its key now (lookup; nil: none).
+func applyChanges[K comparable, T any](changes map[K]*T, lookup func(K) *T, change func(old, v *T)) {
+	for k, v := range changes {
+		if old := lookup(k); old != nil || v != nil {
+			change(old, v)
+		}
+	}
+}
+
+// validateWorkload runs Build's checks on w alone. checkService and checkPolicy need no such
+// wrapper: Build runs its duplicate check between the two halves of a workload's checks only.
+func validateWorkload(w *Workload) error {
 	if err := checkWorkloadName(w); err != nil {
 		return err
 	}
 	return checkWorkload(w)
-}
-
-func validateService(svc *Service) error {
-	if svc == nil {
-		return errors.New("nil service")
-	}
-	return checkService(svc)
-}
-
-func validatePolicy(p *Policy) error {
-	if p == nil {
-		return errors.New("nil policy")
-	}
-	return checkPolicy(p)
 }
 
 // builder makes a new snapshot from an old one (the empty one for Build). The simple indexes

@@ -247,3 +247,23 @@ func TestCounts(t *testing.T) {
 		t.Fatalf("Counts after Apply = %d %d %d", w, svc, p)
 	}
 }
+
+// TestApplyNil: a nil upsert is rejected as Build rejects it, and the rest of the delta applies.
+func TestApplyNil(t *testing.T) {
+	next, rerrs := mustBuild(t, Config{}).Apply(Delta{
+		Workloads: []*Workload{nil, pod("ns", "a", "10.0.0.1")},
+		Services:  []*Service{nil},
+		Policies:  []*Policy{nil},
+	})
+	var got []string
+	for _, re := range rerrs {
+		got = append(got, re.Error())
+	}
+	want := []string{"workload nil: must not be nil", "service nil: must not be nil", "policy nil: must not be nil"}
+	if !slices.Equal(got, want) {
+		t.Fatalf("errors = %q, want %q", got, want)
+	}
+	if w, svc, p := next.Counts(); w != 1 || svc != 0 || p != 0 {
+		t.Fatalf("Counts = %d %d %d, want the one valid workload", w, svc, p)
+	}
+}

@@ -94,6 +94,24 @@ func waitReady(t *testing.T, c *Client) {
 	}
 }
 
+// connErrors is how many connection errors the client has counted.
+func connErrors(c *Client) float64 {
+	return testutil.ToFloat64(c.metrics.terminations.WithLabelValues(string(ReasonConnectionError)))
+}
+
+// waitConnErrors waits until the client has counted at least n connection errors, and fails
+// the test with msg if it does not within 10 s.
+func waitConnErrors(t *testing.T, c *Client, n float64, msg string) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for connErrors(c) < n {
+		if time.Now().After(deadline) {
+			t.Fatal(msg)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
 func isAck(r *discovery.DeltaDiscoveryRequest, typeURL string) bool {
 	return r.GetTypeUrl() == typeURL && r.GetResponseNonce() != "" && r.GetErrorDetail() == nil
 }
@@ -444,17 +462,10 @@ func TestStreamHeadersAndTokenRotation(t *testing.T) {
 	if err := os.WriteFile(token, nil, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	connErrs := c.metrics.terminations.WithLabelValues(string(ReasonConnectionError))
-	before := testutil.ToFloat64(connErrs)
+	before := connErrors(c)
 	srv.stop()
 	srv.start()
-	deadline := time.Now().Add(10 * time.Second)
-	for testutil.ToFloat64(connErrs) < before+2 {
-		if time.Now().After(deadline) {
-			t.Fatal("no connection errors with an empty token file")
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	waitConnErrors(t, c, before+2, "no connection errors with an empty token file")
 	srv.mu.Lock()
 	streams := len(srv.streamMD)
 	srv.mu.Unlock()
@@ -553,14 +564,7 @@ func TestStopWhileServerUnreachable(t *testing.T) {
 	srv.stop() // nothing listens there now
 	baseline := runtime.NumGoroutine()
 	c, _ := startClient(t, nil, func(cfg *Config) { cfg.Address = addr })
-	connErrs := c.metrics.terminations.WithLabelValues(string(ReasonConnectionError))
-	deadline := time.Now().Add(10 * time.Second)
-	for testutil.ToFloat64(connErrs) < 3 {
-		if time.Now().After(deadline) {
-			t.Fatal("no connection errors")
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	waitConnErrors(t, c, 3, "no connection errors")
 	start := time.Now()
 	c.Stop()
 	if d := time.Since(start); d > time.Second {
@@ -674,5 +678,15 @@ func TestHandle(t *testing.T) {
 	}})
 	if c.store.Load().WorkloadByUID("name-as-uid") == nil {
 		t.Fatal("workload without uid not stored under its resource name")
+	}
+	// A workload with neither addresses nor a hostname (istiod's stand-in for a service's
+	// endpoints on another network) is ACKed and applied, as ztunnel takes it.
+	remote := withService(wl("remote"), "svc")
+	remote.Addresses, remote.Network = nil, "net2"
+	ack = c.handle(&discovery.DeltaDiscoveryResponse{TypeUrl: AddressType, Nonce: "n6", Resources: []*discovery.Resource{
+		res(uid("remote"), "v1", anyOf(&workloadapi.Address{Type: &workloadapi.Address_Workload{Workload: remote}})),
+	}})
+	if ack.GetErrorDetail() != nil || c.store.Load().WorkloadByUID(uid("remote")) == nil {
+		t.Fatalf("address-less workload: ack %v, stored %v", ack, c.store.Load().WorkloadByUID(uid("remote")) != nil)
 	}
 }

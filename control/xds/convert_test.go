@@ -41,6 +41,24 @@ func wantBaseWorkload() *snapshot.Workload {
 	}
 }
 
+// checkConverted checks the result of one conversion: with wantErr, an error that contains it;
+// otherwise no error and the value want returns.
+func checkConverted[T any](t *testing.T, got T, err error, wantErr string, want func() T) {
+	t.Helper()
+	if wantErr != "" {
+		if err == nil || !strings.Contains(err.Error(), wantErr) {
+			t.Fatalf("err = %v, want it to contain %q", err, wantErr)
+		}
+		return
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	if w := want(); !reflect.DeepEqual(got, w) {
+		t.Fatalf("got  %+v\nwant %+v", got, w)
+	}
+}
+
 func TestConvertWorkload(t *testing.T) {
 	hbonePort := func(p uint32) *workloadapi.GatewayAddress {
 		return &workloadapi.GatewayAddress{
@@ -278,20 +296,11 @@ func TestConvertWorkload(t *testing.T) {
 			in := baseWorkload()
 			tc.edit(in)
 			got, err := ConvertWorkload(in)
-			if tc.wantErr != "" {
-				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
-					t.Fatalf("err = %v, want it to contain %q", err, tc.wantErr)
-				}
-				return
-			}
-			if err != nil {
-				t.Fatal(err)
-			}
-			want := wantBaseWorkload()
-			tc.want(want)
-			if !reflect.DeepEqual(got, want) {
-				t.Fatalf("got  %+v\nwant %+v", got, want)
-			}
+			checkConverted(t, got, err, tc.wantErr, func() *snapshot.Workload {
+				want := wantBaseWorkload()
+				tc.want(want)
+				return want
+			})
 		})
 	}
 	if _, err := ConvertWorkload(nil); err == nil {
@@ -515,20 +524,11 @@ func TestConvertService(t *testing.T) {
 			in := baseService()
 			tc.edit(in)
 			got, err := ConvertService(in)
-			if tc.wantErr != "" {
-				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
-					t.Fatalf("err = %v, want it to contain %q", err, tc.wantErr)
-				}
-				return
-			}
-			if err != nil {
-				t.Fatal(err)
-			}
-			want := wantBaseService()
-			tc.want(want)
-			if !reflect.DeepEqual(got, want) {
-				t.Fatalf("got  %+v\nwant %+v", got, want)
-			}
+			checkConverted(t, got, err, tc.wantErr, func() *snapshot.Service {
+				want := wantBaseService()
+				tc.want(want)
+				return want
+			})
 		})
 	}
 	if _, err := ConvertService(nil); err == nil {
@@ -686,18 +686,7 @@ func TestConvertAuthorization(t *testing.T) {
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			got, err := ConvertAuthorization(tc.in)
-			if tc.wantErr != "" {
-				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
-					t.Fatalf("err = %v, want it to contain %q", err, tc.wantErr)
-				}
-				return
-			}
-			if err != nil {
-				t.Fatal(err)
-			}
-			if !reflect.DeepEqual(got, tc.want) {
-				t.Fatalf("got  %+v\nwant %+v", got, tc.want)
-			}
+			checkConverted(t, got, err, tc.wantErr, func() *snapshot.Policy { return tc.want })
 		})
 	}
 	if _, err := ConvertAuthorization(nil); err == nil {

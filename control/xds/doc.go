@@ -77,13 +77,13 @@
 // worse: a port above 65535 (ztunnel truncates it to 16 bits), and in a policy a string match
 // with no match type or an address that does not parse (ztunnel drops the entry, which widens
 // a positive match: an ALLOW on source_ips [bad] would allow every source). Snapshot.Apply
-// then applies the snapshot's own checks, which are stricter than ztunnel's in two ways that
-// matter: names must be present, and a workload needs an address or a hostname. istiod does
-// send workloads with neither (the per-network stand-ins for a service's endpoints on another
-// network, reached through their network gateway); ztgo NACKs those until the snapshot
-// accepts them. A workload's explicit capacity 0 (never picked in ztunnel) reads as the
-// default weight 1, which is all the snapshot can express. A workload with an empty uid is
-// stored under its resource name, which istiod makes the uid anyway.
+// then applies the snapshot's own checks, which are stricter than ztunnel's in one way that
+// matters: names must be present. A workload with neither addresses nor a hostname (istiod's
+// per-network stand-in for a service's endpoints on another network, reached through its
+// network gateway) is accepted, as ztunnel accepts it. A workload's explicit capacity 0
+// (never picked in ztunnel) reads as the default weight 1, which is all the snapshot can
+// express. A workload with an empty uid is stored under its resource name, which istiod makes
+// the uid anyway.
 //
 // Not used: extensions, app_protocol, ingress_use_waypoint (ztunnel ignores them too).
 package xds

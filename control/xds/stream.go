@@ -314,29 +314,17 @@ func (c *Client) applyResponse(resp *discovery.DeltaDiscoveryResponse, convert c
 	}
 
 	if !delta.Empty() {
+		// Apply rejects resources one by one (each rejection is one upsert of the delta) and
+		// never fails as a whole.
 		next, rerrs := cur.Apply(delta)
-		broken := false
 		for _, re := range rerrs {
-			if re.Kind == "snapshot" {
-				// Apply kept the old snapshot: nothing of this response applied.
-				broken = true
-				c.log.Error("xds apply failed", "type", typeURL, "err", re.Err)
-				continue
-			}
 			name, ok := byKey[re.Kind+" "+re.Name]
 			if !ok {
 				name = re.Kind + " " + re.Name
 			}
 			reasons[name] = re.Error()
 		}
-		switch {
-		case broken:
-			for _, r := range resp.GetResources() {
-				if _, bad := reasons[r.GetName()]; !bad && !removed[r.GetName()] {
-					reasons[r.GetName()] = "not applied: internal error building the snapshot"
-				}
-			}
-		case upserts > len(rerrs) || removals > 0:
+		if upserts > len(rerrs) || removals > 0 {
 			c.store.Publish(next)
 		}
 	}

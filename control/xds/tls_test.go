@@ -14,8 +14,6 @@ import (
 	"path/filepath"
 	"testing"
 	"time"
-
-	"github.com/prometheus/client_golang/prometheus/testutil"
 )
 
 // testCA is a throwaway CA that issues the test server's certificate.
@@ -136,14 +134,7 @@ func TestTLS(t *testing.T) {
 				}
 				return
 			}
-			connErrs := c.metrics.terminations.WithLabelValues(string(ReasonConnectionError))
-			deadline := time.Now().Add(10 * time.Second)
-			for testutil.ToFloat64(connErrs) < 2 {
-				if time.Now().After(deadline) {
-					t.Fatal("no connection error")
-				}
-				time.Sleep(5 * time.Millisecond)
-			}
+			waitConnErrors(t, c, 2, "no connection error")
 			select {
 			case <-c.Ready():
 				t.Fatal("ready over an unverified connection")
@@ -162,14 +153,7 @@ func TestRootCAFileIsReadAtEachConnect(t *testing.T) {
 	}
 	srv := newXDSServer(t, ca.serverTLS(t, nil, []net.IP{net.ParseIP("127.0.0.1")}))
 	c, _ := startClient(t, srv, func(cfg *Config) { cfg.RootCA = rootFile })
-	connErrs := c.metrics.terminations.WithLabelValues(string(ReasonConnectionError))
-	deadline := time.Now().Add(10 * time.Second)
-	for testutil.ToFloat64(connErrs) < 1 {
-		if time.Now().After(deadline) {
-			t.Fatal("no connection error with the wrong root")
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+	waitConnErrors(t, c, 1, "no connection error with the wrong root")
 	// The root rotates on disk; the next connect uses it.
 	if err := os.WriteFile(rootFile, ca.pem, 0o600); err != nil {
 		t.Fatal(err)

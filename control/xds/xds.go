@@ -96,10 +96,9 @@ type Client struct {
 	metrics *Metrics
 	ready   chan struct{}
 
-	mu      sync.Mutex // guards started, cancel and done
-	started bool
-	cancel  context.CancelFunc
-	done    chan struct{}
+	mu     sync.Mutex // guards cancel and done, which Start sets
+	cancel context.CancelFunc
+	done   chan struct{}
 
 	// Owned by the stream goroutine.
 	//
@@ -213,10 +212,9 @@ func toLowerASCII(s string) string {
 func (c *Client) Start(ctx context.Context) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.started {
+	if c.done != nil {
 		return errors.New("start xds client: already started")
 	}
-	c.started = true
 	ctx, c.cancel = context.WithCancel(ctx)
 	c.done = make(chan struct{})
 	go c.run(ctx)

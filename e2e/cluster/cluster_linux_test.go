@@ -491,11 +491,14 @@ func TestPrivilegedProcess(t *testing.T) {
 	t.Run("sees later namespaces", func(t *testing.T) {
 		name := netnsName(c.ID(), "late")
 		p, err := c.StartProcess("watcher", nodeA.Command(ctx, "sh", "-c",
-			`until ip netns exec `+name+` ip -4 -o addr show dev eth0 2>/dev/null | grep -q 198.18.1; do sleep 0.05; done; echo seen`))
+			`echo started; until ip netns exec `+name+` ip -4 -o addr show dev eth0 2>/dev/null | grep -q 198.18.1; do sleep 0.05; done; echo seen`))
 		if err != nil {
 			t.Fatal(err)
 		}
-		time.Sleep(100 * time.Millisecond) // let it enter its mount namespace first
+		// The shell runs, so it is in its own mount namespace before the pod exists.
+		if _, err := p.WaitLogContains(wait, "started"); err != nil {
+			t.Fatal(err)
+		}
 		addPod(t, c, "node-a", "late")
 		if _, err := p.WaitLogContains(wait, "seen"); err != nil {
 			t.Fatal(err)

@@ -108,32 +108,14 @@ func chromium(t *testing.T) string {
 	return path
 }
 
-type testWriter struct {
-	t    *testing.T
-	name string
-}
-
-func (w testWriter) Write(p []byte) (int, error) {
-	w.t.Logf("[%s] %s", w.name, strings.TrimSpace(string(p)))
-	return len(p), nil
-}
-
 func startNode(t *testing.T, name, caDir string, cfg node.Config) *node.Node {
 	t.Helper()
 	cfg.Name = name
 	cfg.CADir = caDir
 	cfg.ConfigInline = meshYAML
 	cfg.DrainTimeout = time.Second
-	cfg.Logger = slog.New(slog.NewTextHandler(testWriter{t, name}, &slog.HandlerOptions{Level: slog.LevelError}))
-	n, err := node.New(cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := n.Start(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { n.Stop(context.Background()) })
-	return n
+	cfg.Logger = meshtest.Logger(t, name, slog.LevelError)
+	return meshtest.StartNode(t, cfg)
 }
 
 // traffic keeps flows going through node-a's SOCKS5 entry until stop: short echo exchanges to

@@ -667,8 +667,9 @@ func TestPrivilegedInPod(t *testing.T) {
 	})
 
 	t.Run("restart", func(t *testing.T) {
+		// A clean shutdown: SIGTERM drains and ztgo exits 0.
 		if err := e.ztgoB.Stop(5 * time.Second); err != nil {
-			t.Logf("stop node-b: %v", err)
+			t.Errorf("stop node-b: %v", err)
 		}
 		// Rules stay in the pods while ztgo is down.
 		if drift, err := redirect.Check(e.echo.Netns(), redirect.RuleConfig{}); err != nil || len(drift) != 0 {
@@ -677,8 +678,9 @@ func TestPrivilegedInPod(t *testing.T) {
 		e.ztgoB = e.startNode(e.b)
 		echoOnce(t, client, ap(e.echo.IP(), 9090), data[:8192])
 		// node-a again, through a ZDS reconnect to the agent.
+		// A clean shutdown: SIGTERM drains and ztgo exits 0.
 		if err := e.ztgoA.Stop(5 * time.Second); err != nil {
-			t.Logf("stop node-a: %v", err)
+			t.Errorf("stop node-a: %v", err)
 		}
 		e.ztgoA = e.startNode(e.a)
 		echoOnce(t, client, ap(e.echo.IP(), 9090), data[:8192])

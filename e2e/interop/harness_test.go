@@ -211,7 +211,7 @@ func tlsRefusal(addr string, tcfg *tls.Config) error {
 // startNode runs a ztgo node in loopback mode and stops it when the test ends.
 func startNode(t *testing.T, name, caDir, config string) *node.Node {
 	t.Helper()
-	n, err := node.New(node.Config{
+	return meshtest.StartNode(t, node.Config{
 		Name:          name,
 		ConfigInline:  config,
 		CADir:         caDir,
@@ -222,25 +222,6 @@ func startNode(t *testing.T, name, caDir, config string) *node.Node {
 		DrainTimeout:  time.Second,
 		Logger:        slog.New(slog.NewTextHandler(t.Output(), &slog.HandlerOptions{Level: slog.LevelDebug})).With("node", name),
 	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := n.Start(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	stopped := false
-	stop := func() {
-		if !stopped {
-			stopped = true
-			ctx, cancel := context.WithTimeout(context.Background(), ioTimeout)
-			defer cancel()
-			if err := n.Stop(ctx); err != nil {
-				t.Errorf("stop node %s: %v", name, err)
-			}
-		}
-	}
-	t.Cleanup(stop)
-	return n
 }
 
 // waitListening waits until addr accepts TCP connections (a node opens its inbound listeners

@@ -372,7 +372,7 @@ func (m *mesh) start(name, adminIP string) *node.Node {
 		ReadinessAddr: adminIP + ":0",
 		DrainTimeout:  time.Second,
 		DebugSnapshot: true,
-		Logger:        slog.New(slog.NewTextHandler(testWriter{m.t, name}, &slog.HandlerOptions{Level: slog.LevelInfo})),
+		Logger:        meshtest.Logger(m.t, name, slog.LevelInfo),
 	}
 	if name == "node-a" {
 		cfg.SOCKS5Addr = adminIP + ":0"
@@ -380,25 +380,7 @@ func (m *mesh) start(name, adminIP string) *node.Node {
 	if m.mutate != nil {
 		m.mutate(name, &cfg)
 	}
-	n, err := node.New(cfg)
-	if err != nil {
-		m.t.Fatal(err)
-	}
-	if err := n.Start(context.Background()); err != nil {
-		m.t.Fatal(err)
-	}
-	m.t.Cleanup(func() { n.Stop(context.Background()) })
-	return n
-}
-
-type testWriter struct {
-	t    *testing.T
-	name string
-}
-
-func (w testWriter) Write(p []byte) (int, error) {
-	w.t.Logf("[%s] %s", w.name, strings.TrimSpace(string(p)))
-	return len(p), nil
+	return meshtest.StartNode(m.t, cfg)
 }
 
 // readiness returns the status code and body of n's /healthz/ready.
@@ -751,7 +733,13 @@ func TestSourceBothOverlay(t *testing.T) {
 	})
 	meshtest.StartApp(t, "127.90.2.10:8080", meshtest.Echo)
 	meshtest.StartApp(t, "127.90.2.50:8080", meshtest.Echo)
-	// From istiod: the echo service. From the overlay: workload extra.
+	// From istiod: the echo service. From the overlay: workload extra, which both nodes know
+	// (unknown, it would be reached as passthrough and the transfer would prove nothing) and
+	// node-b serves HBONE for.
+	overlaid := func() bool {
+		return knows(m.a, "127.90.2.50") && knows(m.b, "127.90.2.50") && listening("127.90.2.50:15008")
+	}
+	meshtest.WaitFor(t, 5*time.Second, overlaid)
 	m.transfer("127.90.1.10", "127.90.100.1:80", 64<<10, 1)
 	m.transfer("127.90.1.10", "127.90.2.50:8080", 64<<10, 2)
 	// The overlay's DENY applies on node-b.
@@ -767,5 +755,8 @@ func TestSourceBothOverlay(t *testing.T) {
 	meshtest.WaitFor(t, 5*time.Second, func() bool { return knows(m.a, "127.90.2.20") && listening("127.90.2.20:15008") })
 	m.transfer("127.90.1.10", "127.90.2.20:8080", 64<<10, 3)
 	// The overlay's workload survived the merge of that push.
+	if !overlaid() {
+		t.Fatal("the overlay's workload is gone after an xDS push")
+	}
 	m.transfer("127.90.1.10", "127.90.2.50:8080", 1024, 4)
 }

@@ -1,14 +1,12 @@
 package loopback
 
 import (
-	"context"
 	"fmt"
 	"log/slog"
 	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
-	"strings"
 	"testing"
 	"time"
 
@@ -131,21 +129,13 @@ func (m *mesh) start(name string, cfg node.Config, mutate func(*node.Config)) *n
 	m.t.Helper()
 	cfg.Name = name
 	cfg.CADir = m.caDir
-	cfg.Logger = slog.New(slog.NewTextHandler(testWriter{m.t, name}, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	cfg.Logger = meshtest.Logger(m.t, name, slog.LevelWarn)
 	cfg.DrainTimeout = time.Second
 	cfg.DebugSnapshot = true // every test also checks that no published snapshot is mutated
 	if mutate != nil {
 		mutate(&cfg)
 	}
-	n, err := node.New(cfg)
-	if err != nil {
-		m.t.Fatal(err)
-	}
-	if err := n.Start(context.Background()); err != nil {
-		m.t.Fatal(err)
-	}
-	m.t.Cleanup(func() { n.Stop(context.Background()) })
-	return n
+	return meshtest.StartNode(m.t, cfg)
 }
 
 // setConfigB rewrites node-b's config file with extra policies and waits for it to apply.
@@ -156,16 +146,6 @@ func (m *mesh) setConfigB(extraPolicies string) {
 		m.t.Fatal(err)
 	}
 	meshtest.WaitFor(m.t, 5*time.Second, func() bool { return m.b.Store().Load().Version() > before })
-}
-
-type testWriter struct {
-	t    *testing.T
-	name string
-}
-
-func (w testWriter) Write(p []byte) (int, error) {
-	w.t.Logf("[%s] %s", w.name, strings.TrimSpace(string(p)))
-	return len(p), nil
 }
 
 // socks opens a flow through node-a's SOCKS5 entry from srcIP to target ("host:port") and

@@ -15,8 +15,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus/testutil"
-
 	"github.com/ztgo/ztgo/e2e/meshtest"
 	"github.com/ztgo/ztgo/runtime/node"
 	"github.com/ztgo/ztgo/stages/hbone"
@@ -188,10 +186,10 @@ func TestPolicyDenyDeliversNothing(t *testing.T) {
 		t.Fatalf("db got %d connections and %d bytes", len(db.Peers()), db.Received())
 	}
 	// node-b answered the CONNECT with 401 and counted a DENY; node-a saw the 401.
-	if n := testutil.ToFloat64(counterWith(t, m.b, "istio_tcp_connections_failed_total", "response_flags", "DENY")); n != 1 {
+	if n := counterWith(t, m.b, "istio_tcp_connections_failed_total", "response_flags", "DENY"); n != 1 {
 		t.Fatalf("node-b DENY failures = %v", n)
 	}
-	if n := testutil.ToFloat64(counterWith(t, m.a, "istio_tcp_connections_failed_total", "response_flags", "DENY")); n != 1 {
+	if n := counterWith(t, m.a, "istio_tcp_connections_failed_total", "response_flags", "DENY"); n != 1 {
 		t.Fatalf("node-a DENY failures = %v", n)
 	}
 }

@@ -3,13 +3,11 @@ package loopback
 import (
 	"testing"
 
-	"github.com/prometheus/client_golang/prometheus"
-
 	"github.com/ztgo/ztgo/runtime/node"
 )
 
 // counterWith sums the series of metric name whose label has the given value.
-func counterWith(t *testing.T, n *node.Node, name, label, value string) prometheus.Collector {
+func counterWith(t *testing.T, n *node.Node, name, label, value string) float64 {
 	t.Helper()
 	mfs, err := n.Registry().Gather()
 	if err != nil {
@@ -28,9 +26,7 @@ func counterWith(t *testing.T, n *node.Node, name, label, value string) promethe
 			}
 		}
 	}
-	c := prometheus.NewCounter(prometheus.CounterOpts{Name: "sum"})
-	c.Add(sum)
-	return c
+	return sum
 }
 
 // histogramCount returns the sample count of histogram name with the given label values.

@@ -1,7 +1,8 @@
-// Package meshtest holds helpers for ztgo's end-to-end tests: workload certificates from
-// ztgo's CA and an mTLS client config that checks the peer's SPIFFE identity, a SOCKS5 client
-// that binds a workload's source address, TCP applications standing in for workloads, a check
-// that no goroutine of ztgo's packages outlives a test, and small waiting and payload helpers.
+// Package meshtest holds helpers for ztgo's end-to-end tests: in-process nodes stopped with
+// the test and logging into its log, workload certificates from ztgo's CA and an mTLS client
+// config that checks the peer's SPIFFE identity, a SOCKS5 client that binds a workload's source
+// address (over e2e/socks5), TCP applications standing in for workloads, a check that no
+// goroutine of ztgo's packages outlives a test, and small waiting and payload helpers.
 //
 // It imports "testing" and is imported only by test files (e2e/...), never by ztgo's binaries.
 package meshtest

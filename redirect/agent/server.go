@@ -194,7 +194,7 @@ func (s *Server) AddPod(ctx context.Context, uid string, info zds.WorkloadInfo, 
 	if uid == "" {
 		return errors.New("zds add pod: empty uid")
 	}
-	fd, err := dupNetns(ns)
+	fd, err := ns.DupFd()
 	if err != nil {
 		return fmt.Errorf("zds add pod %s: %w", uid, err)
 	}

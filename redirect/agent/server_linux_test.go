@@ -60,7 +60,7 @@ func newZDSRecorder() *zdsRecorder {
 	return &zdsRecorder{ids: map[string]zds.NetnsID{}, infos: map[string]zds.WorkloadInfo{}, failing: map[string]int{}}
 }
 
-func (h *zdsRecorder) AddPod(ctx context.Context, uid string, info zds.WorkloadInfo, ns *zds.Netns) error {
+func (h *zdsRecorder) AddPod(ctx context.Context, uid string, info zds.WorkloadInfo, ns redirect.Netns) error {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if n := h.failing[uid]; n > 0 {
@@ -112,8 +112,7 @@ func (h *zdsRecorder) expect(t *testing.T, want ...string) {
 func (h *zdsRecorder) id(uid string) redirect.NetnsID {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	id := h.ids[uid]
-	return redirect.NetnsID{Dev: id.Dev, Ino: id.Ino}
+	return h.ids[uid]
 }
 
 func startClient(t *testing.T, path string, h zds.Handler) *zds.Client {
@@ -528,6 +527,13 @@ func TestNewServerConfig(t *testing.T) {
 	}
 	if err := s.Start(context.Background()); err == nil || !strings.Contains(err.Error(), "not a socket") {
 		t.Errorf("start over a regular file: %v", err)
+	}
+	// A pod needs a UID and an open netns to duplicate.
+	if err := s.AddPod(context.Background(), "p", info("p"), redirect.Netns{}); err == nil {
+		t.Error("AddPod without a netns: no error")
+	}
+	if err := s.AddPod(context.Background(), "", info("p"), redirect.Netns{}); err == nil {
+		t.Error("AddPod without a uid: no error")
 	}
 	s.Stop()
 }

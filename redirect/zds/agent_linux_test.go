@@ -21,6 +21,8 @@ import (
 	"golang.org/x/sys/unix"
 	"google.golang.org/protobuf/proto"
 	"istio.io/istio/pkg/zdsapi"
+
+	"github.com/ztgo/ztgo/redirect"
 )
 
 // This file holds the test doubles: a node agent that speaks ZDS on a real SOCK_SEQPACKET
@@ -289,18 +291,18 @@ type fakeHandler struct {
 
 	mu       sync.Mutex
 	events   []string
-	running  map[string]*Netns
+	running  map[string]redirect.Netns
 	adds     map[string]int
 	failures map[string]int // uid -> how many more AddPod calls fail (-1: all)
 	// inspect, if set, is called by AddPod before it succeeds.
-	inspect func(uid string, ns *Netns) error
+	inspect func(uid string, ns redirect.Netns) error
 }
 
 func newFakeHandler(t *testing.T) *fakeHandler {
-	return &fakeHandler{t: t, running: map[string]*Netns{}, adds: map[string]int{}, failures: map[string]int{}}
+	return &fakeHandler{t: t, running: map[string]redirect.Netns{}, adds: map[string]int{}, failures: map[string]int{}}
 }
 
-func (h *fakeHandler) AddPod(ctx context.Context, uid string, info WorkloadInfo, ns *Netns) error {
+func (h *fakeHandler) AddPod(ctx context.Context, uid string, info WorkloadInfo, ns redirect.Netns) error {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	h.adds[uid]++
@@ -352,11 +354,17 @@ func (h *fakeHandler) Snapshot(active []string) {
 }
 
 // checkOpen checks that ns's fd is open and still names the same namespace.
-func checkOpen(t *testing.T, what string, ns *Netns) {
+func checkOpen(t *testing.T, what string, ns redirect.Netns) {
 	t.Helper()
+	fd, err := ns.DupFd()
+	if err != nil {
+		t.Errorf("%s: netns %v: %v", what, ns, err)
+		return
+	}
+	defer unix.Close(fd)
 	var st unix.Stat_t
-	if err := unix.Fstat(ns.Fd(), &st); err != nil {
-		t.Errorf("%s: netns fd %d: %v", what, ns.Fd(), err)
+	if err := unix.Fstat(fd, &st); err != nil {
+		t.Errorf("%s: netns fd %d: %v", what, fd, err)
 		return
 	}
 	if got := (NetnsID{Dev: uint64(st.Dev), Ino: uint64(st.Ino)}); got != ns.ID() {

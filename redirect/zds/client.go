@@ -17,6 +17,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/protobuf/proto"
 	"istio.io/istio/pkg/zdsapi"
+
+	"github.com/ztgo/ztgo/redirect"
 )
 
 // Defaults, as ztunnel has them.
@@ -62,11 +64,11 @@ type WorkloadInfo struct {
 type Handler interface {
 	// AddPod starts the proxy of pod uid inside netns. The client owns netns: it stays
 	// open until DelPod(uid) has returned, or, if AddPod fails, until the client drops the
-	// pod; the handler must not close it and must duplicate the fd to keep it longer.
+	// pod; the handler must not close it and must duplicate it (Netns.Dup) to keep it longer.
 	// An error NACKs the add ("failure to start proxy") and the client retries the call
 	// every RetryInterval, with the same netns, while the connection lasts. ctx ends when
 	// the client stops.
-	AddPod(ctx context.Context, uid string, info WorkloadInfo, netns *Netns) error
+	AddPod(ctx context.Context, uid string, info WorkloadInfo, netns redirect.Netns) error
 	// DelPod stops the proxy of a pod for which AddPod succeeded: the node agent deleted
 	// it, a snapshot left it out, its netns changed, or the client is stopping.
 	DelPod(uid string)
@@ -101,7 +103,7 @@ type Client struct {
 // (session.pending).
 type pod struct {
 	info  WorkloadInfo
-	netns *Netns
+	netns redirect.Netns
 }
 
 // New validates cfg and returns a client driving h. log may be nil; the metrics are
@@ -246,7 +248,7 @@ func (c *Client) delPod(uid string) {
 	}
 	delete(c.pods, uid)
 	c.h.DelPod(uid)
-	p.netns.close()
+	p.netns.Close()
 	c.metrics.stopped.Inc()
 	c.metrics.active.Set(float64(len(c.pods)))
 }
@@ -336,7 +338,7 @@ func (c *Client) serve(ctx context.Context, conn *net.UnixConn) (synced bool, er
 // end closes the pending pods' netns fds.
 func (s *session) end() {
 	for uid, p := range s.pending {
-		p.netns.close()
+		p.netns.Close()
 		delete(s.pending, uid)
 	}
 	s.c.metrics.pending.Set(0)
@@ -377,10 +379,10 @@ func (s *session) handle(ctx context.Context, req request) (string, error) {
 		if !s.synced {
 			// The pod is removed at snapshot_sent, unless added again before it.
 			delete(s.names, req.uid)
-			s.dropPending(req.uid, nil)
+			s.dropPending(req.uid, redirect.Netns{})
 			return "", nil
 		}
-		s.dropPending(req.uid, nil)
+		s.dropPending(req.uid, redirect.Netns{})
 		c.delPod(req.uid)
 	case kindSnapshotSent:
 		if s.synced {
@@ -412,7 +414,7 @@ func (s *session) add(ctx context.Context, req request) (string, error) {
 	if !s.synced {
 		s.names[req.uid] = struct{}{}
 	}
-	ns, err := newNetns(req.fd)
+	ns, err := redirect.NetnsFromFD(req.fd)
 	if err != nil {
 		log.Error("zds: bad netns fd", "error", err)
 		return nackStart + err.Error(), nil
@@ -427,13 +429,13 @@ func (s *session) add(ctx context.Context, req request) (string, error) {
 // start makes pod uid run in ns: nothing to do if it already runs there; otherwise the old
 // pod is removed and AddPod called. On failure the pod is kept pending, with ns, and a
 // retry is scheduled. start owns ns.
-func (s *session) start(ctx context.Context, uid string, info WorkloadInfo, ns *Netns) error {
+func (s *session) start(ctx context.Context, uid string, info WorkloadInfo, ns redirect.Netns) error {
 	c := s.c
 	if p, ok := c.pods[uid]; ok {
 		if p.netns.ID() == ns.ID() {
 			s.dropPending(uid, ns)
 			if p.netns != ns {
-				ns.close()
+				ns.Close()
 			}
 			return nil
 		}
@@ -459,14 +461,14 @@ func (s *session) start(ctx context.Context, uid string, info WorkloadInfo, ns *
 }
 
 // dropPending forgets a pending pod and closes its netns, unless that is keep.
-func (s *session) dropPending(uid string, keep *Netns) {
+func (s *session) dropPending(uid string, keep redirect.Netns) {
 	p, ok := s.pending[uid]
 	if !ok {
 		return
 	}
 	delete(s.pending, uid)
 	if p.netns != keep {
-		p.netns.close()
+		p.netns.Close()
 	}
 	s.c.metrics.pending.Set(float64(len(s.pending)))
 }

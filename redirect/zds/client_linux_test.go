@@ -15,6 +15,8 @@ import (
 	"golang.org/x/sys/unix"
 	"google.golang.org/protobuf/proto"
 	"istio.io/istio/pkg/zdsapi"
+
+	"github.com/ztgo/ztgo/redirect"
 )
 
 func TestNewConfig(t *testing.T) {
@@ -305,10 +307,10 @@ func TestNotANetns(t *testing.T) {
 	c, reg := testClient(t, a, h)
 	conn := a.accept()
 	for _, tc := range []struct{ path, want string }{
-		{"/dev/null", "not a network namespace (filesystem magic"},
-		{"/proc/self/cmdline", "not a network namespace (filesystem magic 0x9fa0)"},
-		{"/proc/self/ns/uts", "namespace of type 0x4000000, not a network namespace"},
-		{"/proc/self/ns/ipc", "namespace of type 0x8000000, not a network namespace"},
+		{"/dev/null", "not a network namespace: file system type"},
+		{"/proc/self/cmdline", "not a network namespace: file system type 0x9fa0"},
+		{"/proc/self/ns/uts", "not a network namespace: namespace type 0x4000000"},
+		{"/proc/self/ns/ipc", "not a network namespace: namespace type 0x8000000"},
 	} {
 		path, want := tc.path, tc.want
 		fd := openFd(t, path)
@@ -330,9 +332,9 @@ func TestNetnsDup(t *testing.T) {
 	a := newTestAgent(t)
 	h := newFakeHandler(t)
 	dup := -1
-	h.inspect = func(uid string, ns *Netns) error {
+	h.inspect = func(uid string, ns redirect.Netns) error {
 		var err error
-		dup, err = ns.Dup()
+		dup, err = ns.DupFd()
 		return err
 	}
 	c, _ := testClient(t, a, h)
@@ -404,7 +406,7 @@ type blockingHandler struct {
 	entered chan struct{}
 }
 
-func (h *blockingHandler) AddPod(ctx context.Context, uid string, info WorkloadInfo, ns *Netns) error {
+func (h *blockingHandler) AddPod(ctx context.Context, uid string, info WorkloadInfo, ns redirect.Netns) error {
 	close(h.entered)
 	<-ctx.Done()
 	return ctx.Err()

@@ -9,6 +9,8 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/ztgo/ztgo/redirect"
 )
 
 // requireRoot skips a test that needs root, or fails it under CI, which runs as root.
@@ -59,31 +61,17 @@ func fileID(t *testing.T, f *os.File) NetnsID {
 	return NetnsID{Dev: uint64(st.Dev), Ino: uint64(st.Ino)}
 }
 
-// interfacesIn lists the interfaces seen from inside ns, entering it on a locked thread.
-func interfacesIn(ns *Netns) ([]string, error) {
-	runtime.LockOSThread()
-	orig, err := os.Open(fmt.Sprintf("/proc/self/task/%d/ns/net", unix.Gettid()))
-	if err != nil {
-		runtime.UnlockOSThread()
-		return nil, err
-	}
-	defer orig.Close()
-	if err := unix.Setns(ns.Fd(), unix.CLONE_NEWNET); err != nil {
-		runtime.UnlockOSThread()
-		return nil, fmt.Errorf("setns: %w", err)
-	}
-	ifs, ifErr := net.Interfaces()
-	if err := unix.Setns(int(orig.Fd()), unix.CLONE_NEWNET); err != nil {
-		// Leave the thread locked: it dies with this goroutine instead of serving others
-		// from the wrong namespace.
-		return nil, fmt.Errorf("setns back: %w", err)
-	}
-	runtime.UnlockOSThread()
+// interfacesIn lists the interfaces seen from inside ns.
+func interfacesIn(ns redirect.Netns) ([]string, error) {
 	var names []string
-	for _, i := range ifs {
-		names = append(names, i.Name)
-	}
-	return names, ifErr
+	err := ns.Do(func() error {
+		ifs, err := net.Interfaces()
+		for _, i := range ifs {
+			names = append(names, i.Name)
+		}
+		return err
+	})
+	return names, err
 }
 
 // TestPrivilegedNetns drives the client with real, distinct network namespaces: the handler
@@ -100,7 +88,7 @@ func TestPrivilegedNetns(t *testing.T) {
 	a := newTestAgent(t)
 	h := newFakeHandler(t)
 	var seen []NetnsID
-	h.inspect = func(uid string, ns *Netns) error {
+	h.inspect = func(uid string, ns redirect.Netns) error {
 		// Runs under h.mu, from the client's goroutine.
 		seen = append(seen, ns.ID())
 		names, err := interfacesIn(ns)

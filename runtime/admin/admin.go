@@ -48,8 +48,7 @@ type Config struct {
 	Ready  *Readiness
 	Logger *slog.Logger
 	// Summary, if set, returns the snapshot summary of /debug/stats and the dashboard; it is
-	// called on every request, so it should be cheap. Nil derives the summary from ConfigDump,
-	// at most every two seconds.
+	// called on every request, so it should be cheap. Nil leaves the summary empty.
 	Summary func() SnapshotSummary
 }
 
@@ -62,8 +61,6 @@ type Server struct {
 
 	mu      sync.Mutex
 	samples []sample // the last minute of metric gathers, for rates and sparklines
-	sum     SnapshotSummary
-	sumAt   time.Time
 }
 
 // The dashboard: one page, its script and its style sheet, with no other asset.

@@ -1,10 +1,8 @@
 package admin
 
 import (
-	"encoding/json"
 	"math"
 	"net/http"
-	"reflect"
 	"strconv"
 	"time"
 
@@ -138,7 +136,6 @@ const (
 	// rateWindow: rates compare with the oldest gather at most this old.
 	rateWindow     = 5 * time.Second
 	maxSamples     = 2*trace.WindowSeconds + 8
-	summaryMaxAge  = 2 * time.Second
 	maxHistoryGap  = 10 * time.Second
 	historySeconds = trace.WindowSeconds
 )
@@ -404,22 +401,11 @@ func (s *Server) Stats(step time.Duration) (*Stats, error) {
 	return st, err
 }
 
-// summary returns the snapshot summary: from Config.Summary, or else derived from ConfigDump
-// (at most every summaryMaxAge, as a dump walks the whole snapshot).
+// summary returns Config.Summary's view of the snapshot (empty without one), with its age.
 func (s *Server) summary(now time.Time) SnapshotSummary {
 	var sum SnapshotSummary
 	if s.cfg.Summary != nil {
 		sum = s.cfg.Summary()
-	} else {
-		s.mu.Lock()
-		if s.sumAt.IsZero() || now.Sub(s.sumAt) >= summaryMaxAge {
-			s.mu.Unlock()
-			fresh := summarize(s.cfg.ConfigDump())
-			s.mu.Lock()
-			s.sum, s.sumAt = fresh, now
-		}
-		sum = s.sum
-		s.mu.Unlock()
 	}
 	if sum.CertificateStates == nil {
 		sum.CertificateStates = map[string]int{}
@@ -428,101 +414,4 @@ func (s *Server) summary(now time.Time) SnapshotSummary {
 		sum.AgeSeconds = math.Round(now.Sub(sum.Built).Seconds()*10) / 10
 	}
 	return sum
-}
-
-// summarize counts a config dump shaped like ztunnel's (and ztgo's): a map with the lists
-// "workloads", "services", "policies" and "certificates" (each certificate with a "state"), and
-// "node", "version", "snapshotVersion" and "snapshotBuilt". Other values are converted through
-// JSON first; what is missing counts as zero.
-func summarize(dump any) SnapshotSummary {
-	m, ok := dump.(map[string]any)
-	if !ok {
-		b, err := json.Marshal(dump)
-		if err != nil || json.Unmarshal(b, &m) != nil {
-			return SnapshotSummary{}
-		}
-	}
-	sum := SnapshotSummary{CertificateStates: map[string]int{}}
-	sum.Node, _ = m["node"].(string)
-	sum.Version, _ = m["version"].(string)
-	if v := reflect.ValueOf(m["snapshotVersion"]); v.IsValid() {
-		switch {
-		case v.CanUint():
-			sum.SnapshotVersion = v.Uint()
-		case v.CanInt() && v.Int() > 0:
-			sum.SnapshotVersion = uint64(v.Int())
-		case v.CanFloat() && v.Float() > 0:
-			sum.SnapshotVersion = uint64(v.Float())
-		}
-	}
-	switch b := m["snapshotBuilt"].(type) {
-	case time.Time:
-		sum.Built = b
-	case string:
-		sum.Built, _ = time.Parse(time.RFC3339Nano, b)
-	}
-	sum.Services = length(m["services"])
-	sum.Policies = length(m["policies"])
-	each(m["workloads"], func(w reflect.Value) {
-		sum.Workloads++
-		if sum.Node != "" && field(w, "Node", "node") == sum.Node {
-			sum.LocalWorkloads++
-		}
-	})
-	each(m["certificates"], func(c reflect.Value) {
-		sum.Certificates++
-		state := field(c, "State", "state")
-		if state == "" {
-			state = "unknown"
-		}
-		sum.CertificateStates[state]++
-	})
-	return sum
-}
-
-func length(v any) int {
-	rv := reflect.ValueOf(v)
-	switch rv.Kind() {
-	case reflect.Slice, reflect.Array, reflect.Map:
-		return rv.Len()
-	}
-	return 0
-}
-
-func each(v any, fn func(reflect.Value)) {
-	rv := reflect.ValueOf(v)
-	if rv.Kind() != reflect.Slice && rv.Kind() != reflect.Array {
-		return
-	}
-	for i := range rv.Len() {
-		fn(rv.Index(i))
-	}
-}
-
-// field reads a string field of a struct (by Go name) or of a map (by key).
-func field(v reflect.Value, goName, key string) string {
-	for v.Kind() == reflect.Interface || v.Kind() == reflect.Pointer {
-		if v.IsNil() {
-			return ""
-		}
-		v = v.Elem()
-	}
-	switch v.Kind() {
-	case reflect.Struct:
-		if f := v.FieldByName(goName); f.IsValid() && f.Kind() == reflect.String {
-			return f.String()
-		}
-	case reflect.Map:
-		if v.Type().Key().Kind() == reflect.String {
-			if f := v.MapIndex(reflect.ValueOf(key).Convert(v.Type().Key())); f.IsValid() {
-				for f.Kind() == reflect.Interface {
-					f = f.Elem()
-				}
-				if f.Kind() == reflect.String {
-					return f.String()
-				}
-			}
-		}
-	}
-	return ""
 }

@@ -2,13 +2,10 @@ package metricslint
 
 import (
 	"context"
-	"encoding/binary"
-	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/netip"
-	"strconv"
 	"sync"
 	"testing"
 	"time"
@@ -16,6 +13,7 @@ import (
 	dto "github.com/prometheus/client_model/go"
 	"golang.org/x/net/dns/dnsmessage"
 
+	"github.com/ztgo/ztgo/e2e/socks5"
 	"github.com/ztgo/ztgo/runtime/node"
 )
 
@@ -132,9 +130,9 @@ func (m *Mesh) serveEcho() {
 // message, reads it back and closes.
 func (m *Mesh) Echo(tb testing.TB) {
 	tb.Helper()
-	c, err := m.socks(netip.AddrPortFrom(m.vip, 80))
-	if err != nil {
-		tb.Fatalf("echo flow: %v", err)
+	c, reply, err := m.socks(netip.AddrPortFrom(m.vip, 80))
+	if err != nil || reply != socks5.ReplySucceeded {
+		tb.Fatalf("echo flow: %v (reply %s)", err, socks5.ReplyText(reply))
 	}
 	defer c.Close()
 	msg := []byte("metricslint")
@@ -158,14 +156,13 @@ func (m *Mesh) Refused(tb testing.TB) {
 	}
 	closed := netip.MustParseAddrPort(ln.Addr().String())
 	ln.Close()
-	c, err := m.socks(closed)
-	if err == nil {
+	c, reply, err := m.socks(closed)
+	if err != nil {
+		tb.Fatalf("refused flow: %v", err)
+	}
+	if reply == socks5.ReplySucceeded {
 		c.Close()
 		tb.Fatalf("flow to %s (nothing listening) succeeded", closed)
-	}
-	var rep socksReply
-	if !errors.As(err, &rep) {
-		tb.Fatalf("refused flow: %v", err)
 	}
 }
 
@@ -256,51 +253,10 @@ func counted(mfs []*dto.MetricFamily, family string) bool {
 	return seen["source"] && seen["destination"]
 }
 
-// socksReply is a SOCKS5 reply code other than "succeeded".
-type socksReply byte
-
-func (r socksReply) Error() string { return "socks5 reply " + strconv.Itoa(int(r)) }
-
-// socks opens a flow from the client workload's address through the node's SOCKS5 entry to
-// target (no authentication, CONNECT to an IPv4 address).
-func (m *Mesh) socks(target netip.AddrPort) (*net.TCPConn, error) {
-	d := net.Dialer{LocalAddr: net.TCPAddrFromAddrPort(netip.AddrPortFrom(m.client, 0)), Timeout: 10 * time.Second}
-	nc, err := d.Dial("tcp", m.Node.SOCKS5Addr())
-	if err != nil {
-		return nil, err
-	}
-	c := nc.(*net.TCPConn)
-	c.SetDeadline(time.Now().Add(15 * time.Second))
-	req := []byte{5, 1, 0, 5, 1, 0, 1}
-	ip := target.Addr().As4()
-	req = append(req, ip[:]...)
-	req = binary.BigEndian.AppendUint16(req, target.Port())
-	if _, err := c.Write(req); err != nil {
-		c.Close()
-		return nil, err
-	}
-	// Method choice (2 bytes), then the reply header (4) and an IPv4 bound address (6).
-	var resp [12]byte
-	if _, err := io.ReadFull(c, resp[:6]); err != nil {
-		c.Close()
-		return nil, fmt.Errorf("socks5 reply: %w", err)
-	}
-	if resp[0] != 5 || resp[1] != 0 || resp[2] != 5 {
-		c.Close()
-		return nil, fmt.Errorf("socks5 handshake: % x", resp[:6])
-	}
-	if resp[3] != 0 {
-		c.Close()
-		return nil, socksReply(resp[3])
-	}
-	if resp[5] != 1 {
-		c.Close()
-		return nil, fmt.Errorf("socks5 reply: address type %d", resp[5])
-	}
-	if _, err := io.ReadFull(c, resp[6:]); err != nil {
-		c.Close()
-		return nil, fmt.Errorf("socks5 reply: %w", err)
-	}
-	c.SetDeadline(time.Time{})
-	return c, nil
+// socks opens a flow from the client workload to target through the node's SOCKS5 entry. A
+// reply other than "succeeded" comes back as reply with a nil connection.
+func (m *Mesh) socks(target netip.AddrPort) (c *net.TCPConn, reply byte, err error) {
+	d := &net.Dialer{LocalAddr: net.TCPAddrFromAddrPort(netip.AddrPortFrom(m.client, 0)), Timeout: 10 * time.Second}
+	res, err := socks5.Dial(context.Background(), d, m.Node.SOCKS5Addr(), target.String(), 15*time.Second)
+	return res.Conn, res.Reply, err
 }

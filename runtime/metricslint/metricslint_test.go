@@ -1,6 +1,7 @@
 package metricslint
 
 import (
+	"fmt"
 	"slices"
 	"strings"
 	"testing"
@@ -126,10 +127,17 @@ func TestXDSNodeMetricsLint(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	lintRegistered(t, n, "xDS mode", "istio_xds_connection_terminations_total", "istio_xds_message_total", "istio_xds_message_bytes_total")
+}
+
+// lintRegistered checks that n registers the families want (in mode), that every registered
+// name passes CheckName, and that what n gathers passes the lint.
+func lintRegistered(t *testing.T, n *node.Node, mode string, want ...string) {
+	t.Helper()
 	names := Registered(n.Registry())
-	for _, want := range []string{"istio_xds_connection_terminations_total", "istio_xds_message_total", "istio_xds_message_bytes_total"} {
-		if !slices.Contains(names, want) {
-			t.Errorf("%s not registered in xDS mode", want)
+	for _, w := range want {
+		if !slices.Contains(names, w) {
+			t.Errorf("%s not registered in %s", w, mode)
 		}
 	}
 	for _, name := range names {
@@ -166,28 +174,7 @@ func TestInPodNodeMetricsLint(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		names := Registered(n.Registry())
-		for _, want := range tc.want {
-			if !slices.Contains(names, want) {
-				t.Errorf("%s not registered in in-pod mode %+v", want, tc.cfg)
-			}
-		}
-		for _, name := range names {
-			if err := CheckName(name); err != nil {
-				t.Errorf("%s: %v", name, err)
-			}
-		}
-		mfs, err := n.Registry().Gather()
-		if err != nil {
-			t.Fatal(err)
-		}
-		problems, _, err := Lint(mfs)
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, p := range problems {
-			t.Errorf("promlint: %s: %s", p.Metric, p.Text)
-		}
+		lintRegistered(t, n, fmt.Sprintf("in-pod mode %+v", tc.cfg), tc.want...)
 	}
 }
 

@@ -33,7 +33,7 @@ type pod struct {
 	n     *Node
 	uid   string
 	info  zds.WorkloadInfo
-	ns    redirect.Netns // owned: closed by stop, after every user is gone
+	ns    redirect.Netns // owned: closed by finish, after every user is gone
 	sf    *redirect.SocketFactory
 	lns   *redirect.Listeners
 	scope string
@@ -115,21 +115,12 @@ func (n *Node) addPod(uid string, info zds.WorkloadInfo, ns redirect.Netns) erro
 		scope: fmt.Sprintf("pod %s (%s)", uid, ns.ID()),
 	}
 	p.ctx, p.cancel = context.WithCancel(n.ctx)
-	if n.dns != nil {
-		if p.dnsStop, err = n.dns.Serve(lns.DNSTCP, lns.DNSUDP, p.dnsClient, sf.DialContext); err != nil {
-			p.cancel()
-			lns.Close()
-			ns.Close()
-			return fmt.Errorf("add pod %s: dns: %w", uid, err)
-		}
-	} else {
-		// No DNS proxy: close its sockets so queries fail fast instead of timing out.
-		for _, c := range lns.DNSTCP {
-			c.Close()
-		}
-		for _, c := range lns.DNSUDP {
-			c.Close()
-		}
+	// In-pod mode always has the DNS proxy (New creates it).
+	if p.dnsStop, err = n.dns.Serve(lns.DNSTCP, lns.DNSUDP, p.dnsClient, sf.DialContext); err != nil {
+		p.cancel()
+		lns.Close()
+		ns.Close()
+		return fmt.Errorf("add pod %s: dns: %w", uid, err)
 	}
 	p.loops.Add(3)
 	go p.acceptCaptured(lns.Outbound, stages.Outbound)
@@ -208,9 +199,7 @@ func (n *Node) detachLocked(p *pod) *pod {
 // complete later see closed and close themselves (established, serveInbound, dialHBONE).
 func (p *pod) finish() {
 	n := p.n
-	if p.dnsStop != nil {
-		p.dnsStop()
-	}
+	p.dnsStop()
 	p.loops.Wait()
 	// closed was set under mu before this point, and flows are stored under mu after checking
 	// it, so every flow of the pod that will ever be stored is visible here.
@@ -248,7 +237,7 @@ func (p *pod) finish() {
 	n.log.Info("pod proxy stopped", "uid", p.uid, "name", p.info.Name, "namespace", p.info.Namespace)
 }
 
-// isClosed reports whether p was removed; the caller holds Node.mu.
+// isClosedLocked reports whether p was removed; the caller holds Node.mu.
 func (p *pod) isClosedLocked() bool { return p.closed }
 
 // acceptCaptured feeds the connections the pod's rules redirected to 15001 (outbound) or
@@ -407,23 +396,9 @@ func dialError(err error) error {
 	return err
 }
 
-// zdsHandler adapts the node to the ZDS client: it takes the pods istio-cni (or ztgo's node
-// agent) hands over.
-type zdsHandler struct{ n *Node }
-
-func (h zdsHandler) AddPod(ctx context.Context, uid string, info zds.WorkloadInfo, ns *zds.Netns) error {
-	fd, err := ns.Dup()
-	if err != nil {
-		return fmt.Errorf("add pod %s: %w", uid, err)
-	}
-	own, err := redirect.NetnsFromFD(fd)
-	if err != nil {
-		return fmt.Errorf("add pod %s: %w", uid, err)
-	}
-	return h.n.addPod(uid, info, own)
-}
-
-func (h zdsHandler) DelPod(uid string) { h.n.DelPod(uid) }
+// zdsHandler is the node as the ZDS client's Handler: AddPod and DelPod are the node's own
+// (the pod sink the built-in agent uses too); Snapshot is the ZDS reconcile.
+type zdsHandler struct{ *Node }
 
 // Snapshot removes proxies the node agent no longer knows (the client reports only pods it
 // started, so this is a safety net for proxies started before a reconnect).
@@ -432,9 +407,9 @@ func (h zdsHandler) Snapshot(active []string) {
 	for _, uid := range active {
 		keep[uid] = true
 	}
-	for _, uid := range h.n.PodUIDs() {
+	for _, uid := range h.PodUIDs() {
 		if !keep[uid] {
-			h.n.DelPod(uid)
+			h.DelPod(uid)
 		}
 	}
 }

@@ -57,3 +57,23 @@ func TestSnapshotMetrics(t *testing.T) {
 		t.Fatalf("timestamp %v after a second publish, want the new snapshot's build time (first was %v)", ts, first)
 	}
 }
+
+// The dashboard's snapshot summary comes from the store's current snapshot; its age is the
+// admin server's to compute (a node-side age went stale, or huge before the first publish).
+func TestSummary(t *testing.T) {
+	n, err := New(Config{Name: "n", DefaultConfig: []byte("workloads: []\n")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s := n.summary(); s.Node != "n" || s.SnapshotVersion != 0 || s.AgeSeconds != 0 {
+		t.Fatalf("before the first publish: %+v", s)
+	}
+	if err := n.Start(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	defer n.Stop(context.Background())
+	snap := n.Store().Load()
+	if s := n.summary(); s.SnapshotVersion != 1 || !s.Built.Equal(snap.Built()) || s.Workloads != 0 || s.CertificateStates == nil {
+		t.Fatalf("after loading the config: %+v", s)
+	}
+}

@@ -332,7 +332,7 @@ func New(cfg Config) (*Node, error) {
 		}
 	}
 	if cfg.InPodUDS != "" {
-		zc, err := zds.New(zds.Config{SocketPath: cfg.InPodUDS}, zdsHandler{n}, cfg.Logger.With("scope", "zds"), reg)
+		zc, err := zds.New(zds.Config{SocketPath: cfg.InPodUDS}, zdsHandler{Node: n}, cfg.Logger.With("scope", "zds"), reg)
 		if err != nil {
 			return nil, err
 		}
@@ -791,29 +791,20 @@ func (n *Node) inboundStream(s *hbone.Stream, local, remote netip.AddrPort, peer
 }
 
 func (n *Node) established(f *stages.Flow) {
-	if f.Dir == stages.Outbound && f.Pod == nil {
-		var bound netip.AddrPort
-		if c, ok := f.Up.(net.Conn); ok {
-			bound = addrPort(c.LocalAddr())
-		}
-		if err := capture.WriteReply(f.Down, capture.ReplySucceeded, bound); err != nil {
-			f.Fail(stages.FailConnect, fmt.Errorf("socks5 reply: %w", err))
-			n.failed(f)
-			return
-		}
-	}
-	n.mu.Lock()
-	if n.stopping {
-		n.mu.Unlock()
-		f.Fail(stages.FailOverload, errors.New("proxy shutting down"))
-		n.failed(f)
-		return
-	}
 	p, _ := f.Pod.(*pod)
-	if p != nil && p.isClosedLocked() {
-		n.mu.Unlock()
+	n.mu.Lock()
+	refused := true
+	switch {
+	case n.stopping:
+		f.Fail(stages.FailOverload, errors.New("proxy shutting down"))
+	case p != nil && p.isClosedLocked():
 		f.Fail(stages.FailConnect, errors.New("pod removed"))
-		n.failed(f)
+	default:
+		refused = false
+	}
+	if refused {
+		n.mu.Unlock()
+		n.failed(f) // no SOCKS5 success reply went out yet: failed answers the client
 		return
 	}
 	if p != nil {
@@ -825,24 +816,42 @@ func (n *Node) established(f *stages.Flow) {
 	// flows it finds, so a flow of the pod is either refused above or found.
 	n.flows.Store(f.ID, f)
 	n.mu.Unlock()
+	if f.Dir == stages.Outbound && f.Pod == nil {
+		var bound netip.AddrPort
+		if c, ok := f.Up.(net.Conn); ok {
+			bound = addrPort(c.LocalAddr())
+		}
+		if err := capture.WriteReply(f.Down, capture.ReplySucceeded, bound); err != nil {
+			n.release(f, p)
+			f.Fail(stages.FailConnect, fmt.Errorf("socks5 reply: %w", err))
+			n.failed(f)
+			return
+		}
+	}
 	n.fillTrace(f)
 	// The stage trace is complete once the flow is established: record it now, so the live
 	// view and the stage histograms do not wait for long-lived connections to close.
 	n.rec.Finish(&f.Trace)
 	n.tel.Opened(f)
 	go func() {
-		defer n.relays.Done()
-		if p != nil {
-			defer p.relays.Done()
-		}
 		res := n.relay.Run(f.Down, f.Up, &f.BytesSent, &f.BytesRecv, func() {
 			f.FirstByte = time.Since(f.Trace.Established)
 			n.rec.ObserveFirstByte(f.Dir.String(), f.FirstByte)
 		})
-		n.flows.Delete(f.ID)
 		n.tracker.Remove(f.ID)
 		n.tel.Closed(f, res.Err)
+		n.release(f, p)
 	}()
+}
+
+// release undoes established's registration of f (of pod p, or nil) once its sockets are let
+// go of.
+func (n *Node) release(f *stages.Flow, p *pod) {
+	n.flows.Delete(f.ID)
+	if p != nil {
+		p.relays.Done()
+	}
+	n.relays.Done()
 }
 
 func (n *Node) failed(f *stages.Flow) {
@@ -1046,7 +1055,7 @@ func (n *Node) summary() admin.SnapshotSummary {
 	w, svc, p := s.Counts()
 	sum := admin.SnapshotSummary{
 		Node: n.cfg.Name, Version: buildinfo.Version, SnapshotVersion: s.Version(), Built: s.Built(),
-		AgeSeconds: time.Since(s.Built()).Seconds(), Workloads: w, Services: svc, Policies: p,
+		Workloads: w, Services: svc, Policies: p,
 		LocalWorkloads: len(s.WorkloadsOnNode(n.cfg.Name)), CertificateStates: map[string]int{},
 	}
 	for _, st := range n.certs.Snapshot() {

@@ -2,8 +2,14 @@ package node
 
 import (
 	"context"
+	"io"
+	"net"
 	"strings"
 	"testing"
+	"time"
+
+	"github.com/ztgo/ztgo/stages"
+	"github.com/ztgo/ztgo/stages/capture"
 )
 
 func TestInvalidConfigRefusesToStart(t *testing.T) {
@@ -32,5 +38,50 @@ func TestDefaultConfigNeedsNoFlags(t *testing.T) {
 	}
 	if err := n.Stop(context.Background()); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// A SOCKS5 flow the node refuses at establishment (it is stopping) gets one failure reply,
+// not a success reply followed by a failure.
+func TestRefusedSOCKSFlowGetsOneReply(t *testing.T) {
+	n, err := New(Config{Name: "n", DefaultConfig: []byte("workloads: []\n")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	pair := func() (*net.TCPConn, *net.TCPConn) {
+		c, err := net.DialTCP("tcp", nil, ln.Addr().(*net.TCPAddr))
+		if err != nil {
+			t.Fatal(err)
+		}
+		s, err := ln.AcceptTCP()
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close(); s.Close() })
+		return c, s
+	}
+	client, down := pair()
+	_, up := pair()
+	n.mu.Lock()
+	n.stopping = true
+	n.mu.Unlock()
+	f := n.pipeline.NewFlow(stages.Outbound, n.store.Load(), stages.Capture)
+	f.Down, f.Up = down, up
+	n.established(f)
+	client.SetReadDeadline(time.Now().Add(5 * time.Second))
+	got, err := io.ReadAll(client)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 10 || got[0] != 5 || got[1] == capture.ReplySucceeded {
+		t.Fatalf("client got % x; want one SOCKS5 failure reply", got)
+	}
+	if f.Failure != stages.FailOverload {
+		t.Fatalf("failure %v, want %v", f.Failure, stages.FailOverload)
 	}
 }

@@ -86,12 +86,14 @@ func TestOpenedClosedFailed(t *testing.T) {
 
 // BenchmarkOpenedClosed is one flow's metric work on connection churn: opened, then closed
 // with its byte counts.
-func BenchmarkOpenedClosed(b *testing.B) {
+func BenchmarkOpenedClosed(b *testing.B) { benchOpenedClosed(b, nil) }
+
+func benchOpenedClosed(b *testing.B, log *slog.Logger) {
 	m, err := NewMetrics(prometheus.NewRegistry())
 	if err != nil {
 		b.Fatal(err)
 	}
-	tel := New(m, nil)
+	tel := New(m, log)
 	f := flow()
 	f.BytesSent.Store(100)
 	f.BytesRecv.Store(7)
@@ -128,19 +130,7 @@ func BenchmarkOpenedClosedParallel(b *testing.B) {
 // BenchmarkOpenedClosedAccessLog adds the access log at its default level (info) to a
 // handler that discards the text.
 func BenchmarkOpenedClosedAccessLog(b *testing.B) {
-	m, err := NewMetrics(prometheus.NewRegistry())
-	if err != nil {
-		b.Fatal(err)
-	}
-	tel := New(m, slog.New(slog.NewTextHandler(io.Discard, nil)))
-	f := flow()
-	f.BytesSent.Store(100)
-	f.BytesRecv.Store(7)
-	b.ReportAllocs()
-	for b.Loop() {
-		tel.Opened(f)
-		tel.Closed(f, nil)
-	}
+	benchOpenedClosed(b, slog.New(slog.NewTextHandler(io.Discard, nil)))
 }
 
 // BenchmarkOpenedClosedParallelNewIDs is BenchmarkOpenedClosedParallel with a new, random

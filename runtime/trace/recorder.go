@@ -312,7 +312,11 @@ func (r *Recorder) Recent(n int) []Record {
 		}
 		lists = append(lists, l)
 	})
-	m := merge(lists, n, newer)
+	return records(merge(lists, n, newer))
+}
+
+// records copies the merged records out.
+func records(m []*recEntry) []Record {
 	out := make([]Record, len(m))
 	for i, e := range m {
 		out[i] = e.rec
@@ -346,12 +350,7 @@ func (r *Recorder) Failures(n int) []Record {
 		}
 		lists = append(lists, l)
 	})
-	m := merge(lists, n, newer)
-	out := make([]Record, len(m))
-	for i, e := range m {
-		out[i] = e.rec
-	}
-	return out
+	return records(merge(lists, n, newer))
 }
 
 // shard is one K-th of a Recorder's state; mu guards all of it. A shard is over 60 KiB (the

@@ -429,12 +429,8 @@ func (s *Server) serveConn(c net.Conn, client func() netip.Addr, dial DialFunc) 
 	}
 }
 
-// Handle answers one request from src over proto ("udp" or "tcp"); nil means no answer (the
-// message is not a parsable query).
-func (s *Server) Handle(req []byte, src netip.Addr, proto string) []byte {
-	return s.handle(req, src, proto, nil)
-}
-
+// handle answers one request from src over proto ("udp" or "tcp"), forwarding through dial
+// (nil: from ztgo's own namespace); nil means no answer (the message is not a parsable query).
 func (s *Server) handle(req []byte, src netip.Addr, proto string, dial DialFunc) []byte {
 	var p dnsmessage.Parser
 	h, err := p.Start(req)
@@ -457,26 +453,23 @@ func (s *Server) handle(req []byte, src netip.Addr, proto string, dial DialFunc)
 		"request_query_type": queryType(q.Type), "request_protocol": proto,
 		"source_canonical_service": "unknown", "source_canonical_revision": "unknown",
 	}
-	if client == nil {
-		s.m.requests.With(labels).Inc()
-		s.log.Debug("dns query from unknown client", "src", src.String(), "name", q.Name.String())
-		return reply(h, &q, dnsmessage.RCodeServerFailure, nil, nil)
-	}
-	if client.CanonicalName != "" {
+	if client != nil && client.CanonicalName != "" {
 		labels["source_canonical_service"] = client.CanonicalName
 	}
-	if client.CanonicalRevision != "" {
+	if client != nil && client.CanonicalRevision != "" {
 		labels["source_canonical_revision"] = client.CanonicalRevision
+	}
+	s.m.requests.With(labels).Inc()
+	if client == nil {
+		s.log.Debug("dns query from unknown client", "src", src.String(), "name", q.Name.String())
+		return reply(h, &q, dnsmessage.RCodeServerFailure, nil, nil)
 	}
 	if q.Class == dnsmessage.ClassINET && (q.Type == dnsmessage.TypeA || q.Type == dnsmessage.TypeAAAA) {
 		name := strings.ToLower(strings.TrimSuffix(q.Name.String(), "."))
 		if m, ok := findService(snap, name, client.Namespace, s.cfg.Domain); ok {
-			s.m.requests.With(labels).Inc()
-			network := client.Network
-			return s.answer(h, q, m, addresses(snap, m.svc, network, q.Type == dnsmessage.TypeAAAA), proto)
+			return s.answer(h, q, m, addresses(snap, m.svc, client.Network, q.Type == dnsmessage.TypeAAAA), proto)
 		}
 	}
-	s.m.requests.With(labels).Inc()
 	s.m.upstream.With(labels).Inc()
 	start := time.Now()
 	resp, err := s.forward(req, h.ID, proto, dial)

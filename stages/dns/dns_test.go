@@ -147,7 +147,7 @@ func TestHandleAnswers(t *testing.T) {
 		// Unknown client: SERVFAIL.
 		{netip.MustParseAddr("127.81.0.99"), "echo.default.", dnsmessage.TypeA, dnsmessage.RCodeServerFailure, nil},
 	} {
-		resp := srv.Handle(query(t, 7, tc.name, tc.typ), tc.src, "udp")
+		resp := srv.handle(query(t, 7, tc.name, tc.typ), tc.src, "udp", nil)
 		var m dnsmessage.Message
 		if err := m.Unpack(resp); err != nil {
 			t.Fatalf("%s %v: unpack: %v", tc.name, tc.typ, err)
@@ -157,6 +157,14 @@ func TestHandleAnswers(t *testing.T) {
 		}
 		if got := records(t, m); !slices.Equal(got, tc.want) {
 			t.Errorf("%s %v: answers %v, want %v", tc.name, tc.typ, got, tc.want)
+		}
+	}
+	// Every query counts once, answered, forwarded or refused: the client's five A queries,
+	// and "other"'s two with the unknown client's one (neither has a canonical service).
+	for want, l := range map[float64][2]string{5: {"client", "v1"}, 3: {"unknown", "unknown"}} {
+		if v := testutil.ToFloat64(srv.m.requests.With(prometheus.Labels{"request_query_type": "a", "request_protocol": "udp",
+			"source_canonical_service": l[0], "source_canonical_revision": l[1]})); v != want {
+			t.Errorf("istio_dns_requests_total{a,udp,%s} = %v, want %v", l[0], v, want)
 		}
 	}
 }
@@ -206,7 +214,7 @@ func FuzzHandle(f *testing.F) {
 	f.Add([]byte{0, 1, 0, 0, 0, 1})
 	f.Add([]byte{})
 	f.Fuzz(func(t *testing.T, req []byte) {
-		resp := srv.Handle(req, clientIP, "udp")
+		resp := srv.handle(req, clientIP, "udp", nil)
 		if resp == nil {
 			return
 		}

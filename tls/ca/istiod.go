@@ -88,7 +88,8 @@ type IstiodConfig struct {
 	// header is sent.
 	TokenFile string
 	Token     string
-	// ClusterID (CLUSTER_ID) is sent as "clusterid" on every request (default "Kubernetes").
+	// ClusterID (CLUSTER_ID) is sent as "clusterid" beside the token (default "Kubernetes");
+	// without a token neither is sent, as in ztunnel.
 	ClusterID string
 	// Headers are extra gRPC metadata sent on every request (CA_HEADER_<KEY>=<value>, with
 	// the prefix stripped). Keys are lower-cased. authorization and clusterid set from the
@@ -307,9 +308,10 @@ func (c *Istiod) requestMetadata() (metadata.MD, error) {
 		token = c.token
 	}
 	if token != "" {
+		// As ztunnel's AuthSource: clusterid travels with the token, not without it.
 		md.Set("authorization", "Bearer "+token)
+		md.Set("clusterid", c.clusterID)
 	}
-	md.Set("clusterid", c.clusterID)
 	return md, nil
 }
 
@@ -689,7 +691,9 @@ func parseCAAddress(addr string, plaintext bool) (target, host string, err error
 	return net.JoinHostPort(u.Hostname(), port), u.Hostname(), nil
 }
 
-// buildHeaders validates the extra headers as ztunnel's ASCII metadata keys and values.
+// buildHeaders validates the extra headers as ztunnel's ASCII metadata keys and values. Two
+// names that differ only in case are refused: one would silently replace the other, whichever
+// came last in map order.
 func buildHeaders(h map[string]string) (metadata.MD, error) {
 	md := metadata.MD{}
 	for k, v := range h {
@@ -702,13 +706,18 @@ func buildHeaders(h map[string]string) (metadata.MD, error) {
 		case strings.HasSuffix(key, "-bin"):
 			return nil, fmt.Errorf("header %q: binary (-bin) headers are not supported", k)
 		}
-		for i := 0; i < len(key); i++ {
-			if b := key[i]; !(b >= 'a' && b <= 'z' || b >= '0' && b <= '9' || b == '-' || b == '_' || b == '.') {
+		// k, not key: strings.ToLower turns some non-ASCII letters (the Kelvin sign) into
+		// ASCII ones.
+		for i := 0; i < len(k); i++ {
+			if b := k[i]; !(b >= 'a' && b <= 'z' || b >= 'A' && b <= 'Z' || b >= '0' && b <= '9' || b == '-' || b == '_' || b == '.') {
 				return nil, fmt.Errorf("header %q: name may hold only letters, digits, dash, underscore and dot", k)
 			}
 		}
 		if err := checkHeaderValue(v); err != nil {
 			return nil, fmt.Errorf("header %q: %w", k, err)
+		}
+		if _, dup := md[key]; dup {
+			return nil, fmt.Errorf("header %q is given twice (names are case-insensitive)", k)
 		}
 		md.Set(key, v)
 	}

@@ -381,6 +381,9 @@ func TestIstiodToken(t *testing.T) {
 	if got := srv.last(t).md.Get("authorization"); len(got) != 1 || got[0] != "Custom xyz" {
 		t.Errorf("authorization without a token = %q", got)
 	}
+	if got := srv.last(t).md.Get("clusterid"); len(got) != 0 {
+		t.Errorf("clusterid without a token = %q, want none (ztunnel sends it only with a token)", got)
+	}
 	withToken := newClient(t, ca.IstiodConfig{Address: addr, Plaintext: true, Headers: hdr, Token: "tok"})
 	if _, err := withToken.Sign(context.Background(), csr, appID, time.Hour); err != nil {
 		t.Fatal(err)
@@ -917,6 +920,8 @@ func TestNewIstiodValidation(t *testing.T) {
 		{"reserved header", func(c *ca.IstiodConfig) { c.Headers = map[string]string{"grpc-timeout": "1"} }, "reserved"},
 		{"binary header", func(c *ca.IstiodConfig) { c.Headers = map[string]string{"x-bin": "1"} }, "-bin"},
 		{"header value", func(c *ca.IstiodConfig) { c.Headers = map[string]string{"x": "\x01"} }, "printable ASCII"},
+		{"header twice", func(c *ca.IstiodConfig) { c.Headers = map[string]string{"X-A": "1", "x-a": "2"} }, "given twice"},
+		{"non-ASCII header name", func(c *ca.IstiodConfig) { c.Headers = map[string]string{"\u212a": "1"} }, "name may hold only"},
 		{"negative timeout", func(c *ca.IstiodConfig) { c.ConnectTimeout = -1 }, "negative ConnectTimeout"},
 	}
 	for _, tt := range tests {

@@ -258,7 +258,7 @@ func (b *bench) run(ctx context.Context) (text string, err error) {
 		if err := n.waitReady(ctx, readyTimeout); err != nil {
 			return "", err
 		}
-		logf("%s ready in %s (pid %d)", s.name, time.Since(t0).Round(time.Millisecond), n.cmd.Process.Pid)
+		logf("%s ready in %s (pid %d)", s.name, time.Since(t0).Round(time.Millisecond), n.Cmd.Process.Pid)
 	}
 	if err := sleep(ctx, 250*time.Millisecond); err != nil {
 		return "", err
@@ -268,7 +268,7 @@ func (b *bench) run(ctx context.Context) (text string, err error) {
 	}
 
 	b.direct = directPath()
-	b.ztgo = ztgoPath(b.nodes[0].socks5Addr())
+	b.ztgo = ztgoPath(b.nodes[0].SOCKS5Addr())
 	for _, p := range []path{b.direct, b.ztgo} {
 		if err := checkPath(ctx, p); err != nil {
 			return "", err
@@ -333,8 +333,8 @@ func (b *bench) stopNodes() error {
 	var errs []error
 	for i := len(b.nodes) - 1; i >= 0; i-- {
 		n := b.nodes[i]
-		if err := n.stop(stopGrace); err != nil {
-			errs = append(errs, fmt.Errorf("stopping %s: %w", n.name, err))
+		if err := n.Stop(stopGrace); err != nil {
+			errs = append(errs, fmt.Errorf("stopping %s: %w", n.Name, err))
 		}
 	}
 	b.nodes = nil
@@ -409,7 +409,7 @@ func (b *bench) idle(ctx context.Context) error {
 		b.res.add("idle.gr.after"+suffix, "ztgo", s.mem1[i].goroutines)
 		per := func(a, b float64) float64 { return (b - a) / float64(s.n) }
 		logf("idle %s: RSS %.1f -> %.1f MiB (%.0f B/conn), heap in use %.1f -> %.1f MiB (%.0f B/conn), stacks %.0f B/conn, goroutines %.0f -> %.0f (%.2f/conn)",
-			b.nodes[i].name, float64(s.rss0[i])/(1<<20), float64(s.rss1[i])/(1<<20), per(float64(s.rss0[i]), float64(s.rss1[i])),
+			b.nodes[i].Name, float64(s.rss0[i])/(1<<20), float64(s.rss1[i])/(1<<20), per(float64(s.rss0[i]), float64(s.rss1[i])),
 			s.mem0[i].heapInuse/(1<<20), s.mem1[i].heapInuse/(1<<20), per(s.mem0[i].heapInuse, s.mem1[i].heapInuse),
 			per(s.mem0[i].stackInuse, s.mem1[i].stackInuse), s.mem0[i].goroutines, s.mem1[i].goroutines, per(s.mem0[i].goroutines, s.mem1[i].goroutines))
 	}
@@ -439,7 +439,7 @@ func (b *bench) idle(ctx context.Context) error {
 func (b *bench) goroutineList(after []float64, before []goMem) string {
 	var parts []string
 	for i, g := range after {
-		parts = append(parts, fmt.Sprintf("%s %.0f (%.0f before opening)", b.nodes[i].name, g, before[i].goroutines))
+		parts = append(parts, fmt.Sprintf("%s %.0f (%.0f before opening)", b.nodes[i].Name, g, before[i].goroutines))
 	}
 	return strings.Join(parts, ", ")
 }
@@ -624,11 +624,11 @@ func (b *bench) nodeLogNotes() []string {
 	for _, n := range b.started {
 		lines := n.logLines()
 		if len(lines) == 0 {
-			notes = append(notes, fmt.Sprintf("%s logged nothing at warn level or above.", n.name))
+			notes = append(notes, fmt.Sprintf("%s logged nothing at warn level or above.", n.Name))
 			continue
 		}
 		shown := lines[:min(3, len(lines))]
-		notes = append(notes, fmt.Sprintf("%s logged %d lines at warn level or above; first: `%s`", n.name, len(lines), strings.Join(shown, "` `")))
+		notes = append(notes, fmt.Sprintf("%s logged %d lines at warn level or above; first: `%s`", n.Name, len(lines), strings.Join(shown, "` `")))
 	}
 	return notes
 }

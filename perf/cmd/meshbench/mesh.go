@@ -13,14 +13,10 @@ const (
 	nodeA = "bench-a"
 	nodeB = "bench-b"
 
-	// Each node's own listeners (SOCKS5, admin, metrics, readiness) bind its host address.
+	// Each node's own listeners (SOCKS5, admin, metrics, readiness; e2e/nodeproc) bind its
+	// host address.
 	hostA = "127.40.1.1"
 	hostB = "127.40.2.1"
-
-	socks5Port    = 15080
-	adminPort     = 15000
-	metricsPort   = 15020
-	readinessPort = 15021
 
 	clientIP = "127.40.1.10" // workload client (bench/client) on bench-a
 	serverIP = "127.40.2.10" // workload server (bench/server) on bench-b

@@ -11,12 +11,12 @@ import (
 	"math"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
-	"syscall"
 	"time"
+
+	"github.com/ztgo/ztgo/e2e/nodeproc"
 )
 
 // clockTicks is USER_HZ, the unit of utime and stime in /proc/<pid>/stat (100 on every Linux
@@ -24,143 +24,40 @@ import (
 const clockTicks = 100
 
 // ztgoNode is one ztgo process.
-type ztgoNode struct {
-	name    string
-	host    string
-	logPath string
-	cmd     *exec.Cmd
-	done    chan struct{} // closed once the process has exited
-	waitErr error         // set before done is closed
-	http    *http.Client
-}
-
-func (n *ztgoNode) socks5Addr() string { return hostPort(n.host, socks5Port) }
-func (n *ztgoNode) adminURL() string   { return "http://" + hostPort(n.host, adminPort) }
-func (n *ztgoNode) metricsURL() string {
-	return "http://" + hostPort(n.host, metricsPort) + "/metrics"
-}
-func (n *ztgoNode) readyURL() string {
-	return "http://" + hostPort(n.host, readinessPort) + "/healthz/ready"
-}
-
-func (n *ztgoNode) exited() bool {
-	select {
-	case <-n.done:
-		return true
-	default:
-		return false
-	}
-}
+type ztgoNode struct{ *nodeproc.Node }
 
 // alive returns an error when the process has exited.
 func (n *ztgoNode) alive() error {
-	if n.exited() {
-		return fmt.Errorf("ztgo node %s exited during the run (%v); log: %s", n.name, n.waitErr, n.logPath)
+	if n.Exited() {
+		return fmt.Errorf("ztgo node %s exited during the run (%v); log: %s", n.Name, n.Err(), n.LogPath)
 	}
 	return nil
 }
 
-// startNode runs bin as node name with the shared mesh config and CA directory; its output goes
-// to dir/<name>.log.
+// startNode runs bin as node name with the shared mesh config and CA directory, logging at
+// warn level; its output goes to dir/<name>.log.
 func startNode(bin, dir, caDir, name, host string) (*ztgoNode, error) {
-	n := &ztgoNode{
-		name: name, host: host, logPath: filepath.Join(dir, name+".log"),
-		done: make(chan struct{}),
-		http: &http.Client{Timeout: 3 * time.Second, Transport: &http.Transport{Proxy: nil, DisableKeepAlives: true}},
-	}
-	logf, err := os.Create(n.logPath)
+	n, err := nodeproc.Start(nodeproc.Config{
+		Bin: bin, Name: name, Host: host, Mesh: filepath.Join(dir, meshFile), CADir: caDir,
+		LogPath: filepath.Join(dir, name+".log"), Args: []string{"--log-level", "warn"},
+	})
 	if err != nil {
 		return nil, err
 	}
-	n.cmd = exec.Command(bin, "run",
-		"--node", name,
-		"--config", filepath.Join(dir, meshFile),
-		"--ca-dir", caDir,
-		"--socks5", hostPort(host, socks5Port),
-		"--admin", hostPort(host, adminPort),
-		"--metrics", hostPort(host, metricsPort),
-		"--readiness", hostPort(host, readinessPort),
-		"--log-level", "warn",
-		"--drain-timeout", "2s",
-	)
-	n.cmd.Stdout, n.cmd.Stderr = logf, logf
-	// Own process group (a terminal's Ctrl-C reaches only the bench, which stops the nodes), and
-	// SIGTERM from the kernel should the bench die without stopping them.
-	n.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGTERM}
-	if err := n.cmd.Start(); err != nil {
-		logf.Close()
-		return nil, fmt.Errorf("start %s: %w", name, err)
-	}
-	go func() {
-		n.waitErr = n.cmd.Wait()
-		logf.Close()
-		close(n.done)
-	}()
-	return n, nil
+	return &ztgoNode{n}, nil
 }
 
-// waitReady polls /healthz/ready until it answers 200, the process exits, or timeout passes.
+// waitReady waits for the node to be ready; its error carries the tail of the node's log.
 func (n *ztgoNode) waitReady(ctx context.Context, timeout time.Duration) error {
-	deadline := time.Now().Add(timeout)
-	last := "no answer yet"
-	for {
-		if n.exited() {
-			return fmt.Errorf("%s exited before it was ready (%v); log tail:\n%s", n.name, n.waitErr, n.logTail(10))
-		}
-		resp, err := n.http.Get(n.readyURL())
-		if err == nil {
-			body, _ := io.ReadAll(io.LimitReader(resp.Body, 1024))
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				return nil
-			}
-			last = fmt.Sprintf("%s: %s", resp.Status, strings.TrimSpace(string(body)))
-		} else {
-			last = err.Error()
-		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("%s not ready after %s (%s); log tail:\n%s", n.name, timeout, last, n.logTail(10))
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-n.done:
-		case <-time.After(25 * time.Millisecond):
-		}
+	if err := n.WaitReady(ctx, timeout); err != nil {
+		return fmt.Errorf("%w; log tail:\n  %s", err, strings.Join(n.LogTail(10), "\n  "))
 	}
+	return nil
 }
 
-// stop sends SIGTERM and waits up to grace for the process to exit, then kills it. A nonzero
-// exit after SIGTERM is an error.
-func (n *ztgoNode) stop(grace time.Duration) error {
-	if n == nil || n.cmd == nil || n.cmd.Process == nil {
-		return nil
-	}
-	if n.exited() {
-		return n.waitErr
-	}
-	n.cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-n.done:
-		return n.waitErr
-	case <-time.After(grace):
-		n.cmd.Process.Kill()
-		<-n.done
-		return fmt.Errorf("%s did not exit within %s of SIGTERM; killed", n.name, grace)
-	}
-}
-
-// logTail returns the last lines of the node's log.
-func (n *ztgoNode) logTail(lines int) string {
-	all := n.logLines()
-	if len(all) > lines {
-		all = all[len(all)-lines:]
-	}
-	return "  " + strings.Join(all, "\n  ")
-}
-
+// logLines returns the node's log lines, at most the first 100,000.
 func (n *ztgoNode) logLines() []string {
-	f, err := os.Open(n.logPath)
+	f, err := os.Open(n.LogPath)
 	if err != nil {
 		return nil
 	}
@@ -176,9 +73,9 @@ func (n *ztgoNode) logLines() []string {
 
 // cpuSeconds is the process's utime+stime.
 func (n *ztgoNode) cpuSeconds() (float64, error) {
-	c, err := procCPU(fmt.Sprint(n.cmd.Process.Pid))
+	c, err := procCPU(fmt.Sprint(n.Cmd.Process.Pid))
 	if err != nil {
-		return 0, fmt.Errorf("%s cpu: %w", n.name, err)
+		return 0, fmt.Errorf("%s cpu: %w", n.Name, err)
 	}
 	return c, nil
 }
@@ -223,9 +120,9 @@ func loadAvg() string {
 
 // memKiB returns VmRSS and VmHWM (peak RSS) in KiB.
 func (n *ztgoNode) memKiB() (rss, hwm int64, err error) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", n.cmd.Process.Pid))
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", n.Cmd.Process.Pid))
 	if err != nil {
-		return 0, 0, fmt.Errorf("%s rss: %w", n.name, err)
+		return 0, 0, fmt.Errorf("%s rss: %w", n.Name, err)
 	}
 	for _, line := range strings.Split(string(b), "\n") {
 		k, v, ok := strings.Cut(line, ":")
@@ -234,11 +131,11 @@ func (n *ztgoNode) memKiB() (rss, hwm int64, err error) {
 		}
 		f := strings.Fields(v)
 		if len(f) != 2 || f[1] != "kB" {
-			return 0, 0, fmt.Errorf("%s rss: unexpected %q", n.name, line)
+			return 0, 0, fmt.Errorf("%s rss: unexpected %q", n.Name, line)
 		}
 		x, err := strconv.ParseInt(f[0], 10, 64)
 		if err != nil {
-			return 0, 0, fmt.Errorf("%s rss: %w", n.name, err)
+			return 0, 0, fmt.Errorf("%s rss: %w", n.Name, err)
 		}
 		if k == "VmRSS" {
 			rss = x
@@ -247,21 +144,21 @@ func (n *ztgoNode) memKiB() (rss, hwm int64, err error) {
 		}
 	}
 	if rss == 0 {
-		return 0, 0, fmt.Errorf("%s rss: no VmRSS in /proc status", n.name)
+		return 0, 0, fmt.Errorf("%s rss: no VmRSS in /proc status", n.Name)
 	}
 	return rss, hwm, nil
 }
 
 // cpuProfile fetches a CPU profile of seconds from the node's admin endpoint into path.
 func (n *ztgoNode) cpuProfile(ctx context.Context, seconds int, path string) error {
-	url := fmt.Sprintf("%s/debug/pprof/profile?seconds=%d", n.adminURL(), seconds)
+	url := fmt.Sprintf("%s/debug/pprof/profile?seconds=%d", n.AdminURL(), seconds)
 	return n.fetchProfile(ctx, url, time.Duration(seconds)*time.Second+15*time.Second, path)
 }
 
 // heapProfile fetches a heap profile from the node's admin endpoint into path, after a GC in
 // the node (gc=1), so its inuse figures are the live heap.
 func (n *ztgoNode) heapProfile(ctx context.Context, path string) error {
-	return n.fetchProfile(ctx, n.adminURL()+"/debug/pprof/heap?gc=1", 15*time.Second, path)
+	return n.fetchProfile(ctx, n.AdminURL()+"/debug/pprof/heap?gc=1", 15*time.Second, path)
 }
 
 func (n *ztgoNode) fetchProfile(ctx context.Context, url string, timeout time.Duration, path string) error {
@@ -274,15 +171,15 @@ func (n *ztgoNode) fetchProfile(ctx context.Context, url string, timeout time.Du
 	c := &http.Client{Transport: &http.Transport{Proxy: nil, DisableKeepAlives: true}}
 	resp, err := c.Do(req)
 	if err != nil {
-		return fmt.Errorf("%s profile: %w", n.name, err)
+		return fmt.Errorf("%s profile: %w", n.Name, err)
 	}
 	defer resp.Body.Close()
 	body, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
 	if err != nil {
-		return fmt.Errorf("%s profile: %w", n.name, err)
+		return fmt.Errorf("%s profile: %w", n.Name, err)
 	}
 	if resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("%s profile: %s: %s", n.name, resp.Status, strings.TrimSpace(string(body)))
+		return fmt.Errorf("%s profile: %s: %s", n.Name, resp.Status, strings.TrimSpace(string(body)))
 	}
 	return os.WriteFile(path, body, 0o644)
 }
@@ -298,17 +195,17 @@ type goMem struct {
 // goroutines.
 func (n *ztgoNode) goMem(ctx context.Context) (goMem, error) {
 	var m goMem
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, n.metricsURL(), nil)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, n.MetricsURL(), nil)
 	if err != nil {
 		return m, err
 	}
-	resp, err := n.http.Do(req)
+	resp, err := n.HTTP.Do(req)
 	if err != nil {
-		return m, fmt.Errorf("%s metrics: %w", n.name, err)
+		return m, fmt.Errorf("%s metrics: %w", n.Name, err)
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
-		return m, fmt.Errorf("%s metrics: %s", n.name, resp.Status)
+		return m, fmt.Errorf("%s metrics: %s", n.Name, resp.Status)
 	}
 	want := map[string]*float64{
 		"go_memstats_heap_inuse_bytes":  &m.heapInuse,
@@ -326,25 +223,25 @@ func (n *ztgoNode) goMem(ctx context.Context) (goMem, error) {
 		}
 		x, err := strconv.ParseFloat(strings.TrimSpace(v), 64)
 		if err != nil {
-			return m, fmt.Errorf("%s metrics: %s: %w", n.name, name, err)
+			return m, fmt.Errorf("%s metrics: %s: %w", n.Name, name, err)
 		}
 		*p = x
 		found++
 	}
 	if err := sc.Err(); err != nil {
-		return m, fmt.Errorf("%s metrics: %w", n.name, err)
+		return m, fmt.Errorf("%s metrics: %w", n.Name, err)
 	}
 	if found != len(want) {
-		return m, fmt.Errorf("%s metrics: go_memstats_heap_inuse_bytes, go_memstats_stack_inuse_bytes or go_goroutines missing", n.name)
+		return m, fmt.Errorf("%s metrics: go_memstats_heap_inuse_bytes, go_memstats_stack_inuse_bytes or go_goroutines missing", n.Name)
 	}
 	return m, nil
 }
 
 // files returns the node's open file descriptors and its soft RLIMIT_NOFILE.
 func (n *ztgoNode) files() (open, limit int, err error) {
-	open, limit, err = procFiles(fmt.Sprint(n.cmd.Process.Pid))
+	open, limit, err = procFiles(fmt.Sprint(n.Cmd.Process.Pid))
 	if err != nil {
-		return 0, 0, fmt.Errorf("%s files: %w", n.name, err)
+		return 0, 0, fmt.Errorf("%s files: %w", n.Name, err)
 	}
 	return open, limit, nil
 }
@@ -476,7 +373,7 @@ func (ns nodeSet) files() string {
 			parts = append(parts, err.Error())
 			continue
 		}
-		parts = append(parts, fmt.Sprintf("%s %d open files of %d", n.name, open, limit))
+		parts = append(parts, fmt.Sprintf("%s %d open files of %d", n.Name, open, limit))
 	}
 	return strings.Join(parts, ", ")
 }

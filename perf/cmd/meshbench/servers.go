@@ -126,32 +126,17 @@ func serveSource(s *server, c *net.TCPConn) {
 }
 
 // serveEcho writes back every byte it reads until EOF.
-func serveEcho(s *server, c *net.TCPConn) {
-	buf := make([]byte, 64<<10)
-	for {
-		n, err := c.Read(buf)
-		if n > 0 {
-			if _, werr := c.Write(buf[:n]); werr != nil {
-				s.fail(werr)
-				return
-			}
-		}
-		if err != nil {
-			if !errors.Is(err, io.EOF) {
-				s.fail(err)
-			}
-			return
-		}
-	}
-}
+func serveEcho(s *server, c *net.TCPConn) { echoWith(s, c, make([]byte, 64<<10)) }
 
 // idleEchoBuf is the idle echo server's read buffer: small, since it serves thousands of
 // connections at once (its memory is not measured, but 10,000 x 64 KiB would be 640 MiB).
 const idleEchoBuf = 256
 
-// serveIdleEcho writes back every byte it reads until EOF, like serveEcho, with a small buffer.
-func serveIdleEcho(s *server, c *net.TCPConn) {
-	buf := make([]byte, idleEchoBuf)
+// serveIdleEcho is serveEcho with a small buffer.
+func serveIdleEcho(s *server, c *net.TCPConn) { echoWith(s, c, make([]byte, idleEchoBuf)) }
+
+// echoWith writes back every byte it reads, through buf, until EOF.
+func echoWith(s *server, c *net.TCPConn, buf []byte) {
 	for {
 		n, err := c.Read(buf)
 		if n > 0 {

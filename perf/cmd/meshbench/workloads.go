@@ -435,7 +435,7 @@ func idleConns(ctx context.Context, p path, n int, limit time.Duration, srv *idl
 		}
 		if need := open + n + n/poolStreams + fdHeadroom; need > lim {
 			return s, fmt.Errorf("%d idle connections need about %d open files in %s, its limit is %d "+
-				"(raise the hard RLIMIT_NOFILE, ulimit -Hn)", n, need, nd.name, lim)
+				"(raise the hard RLIMIT_NOFILE, ulimit -Hn)", n, need, nd.Name, lim)
 		}
 	}
 
