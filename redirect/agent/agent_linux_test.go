@@ -157,15 +157,17 @@ func expectRules(t *testing.T, ns redirect.Netns, cfg redirect.RuleConfig) {
 }
 
 // expectNoTable checks that ztgo's table is absent from ns.
+// expectNoTable waits for ns's capture table to be gone: the agent removes rules after the
+// sink's DelPod returns, so a test that synchronizes on the sink must wait for the removal.
 func expectNoTable(t *testing.T, ns redirect.Netns) {
 	t.Helper()
-	drift, err := redirect.Check(ns, redirect.RuleConfig{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !slices.ContainsFunc(drift, func(d string) bool { return strings.Contains(d, redirect.TableName) }) {
-		t.Fatalf("want no table %s in %s, drift %q", redirect.TableName, ns, drift)
-	}
+	eventually(t, "no table "+redirect.TableName+" in "+ns.String(), func() bool {
+		drift, err := redirect.Check(ns, redirect.RuleConfig{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return slices.ContainsFunc(drift, func(d string) bool { return strings.Contains(d, redirect.TableName) })
+	})
 }
 
 func status(a *Agent, uid string) (PodStatus, bool) {
@@ -258,9 +260,7 @@ func TestPrivilegedAgentLifecycle(t *testing.T) {
 	}
 	sink.expect(t, "del uid-a")
 	expectNoTable(t, nsA)
-	if _, ok := status(a, "uid-a"); ok {
-		t.Error("deleted pod still in Pods()")
-	}
+	eventually(t, "deleted pod gone from Pods()", func() bool { _, ok := status(a, "uid-a"); return !ok })
 
 	// Stop leaves the remaining pod as it is.
 	a.Stop()
