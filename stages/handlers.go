@@ -248,10 +248,10 @@ func (h *Handlers) authz(ctx context.Context, f *Flow) Verdict {
 	conn := authz.Conn{SrcIdentity: f.SrcIdentity, SrcIP: f.Src.Addr(), DstIP: f.Dst.Addr(), DstPort: f.Dst.Port()}
 	// Registered before the first check so a policy published in between is not missed.
 	if h.Tracker != nil {
-		down := f.Down
+		src, dst := f.Src, f.Dst
 		h.Tracker.Add(f.ID, f.DstWorkload.UID, conn, func(d authz.Decision) {
-			h.Log.Info("closing connection denied by new policy", "flow", f.ID, "src", f.Src, "dst", f.Dst, "reason", d.Reason)
-			down.Close()
+			h.Log.Info("closing connection denied by new policy", "flow", f.ID, "src", src, "dst", dst, "reason", d.Reason)
+			f.Abort()
 		})
 	}
 	d := authz.Evaluate(f.Snap, f.DstWorkload, conn)

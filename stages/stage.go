@@ -200,6 +200,40 @@ type Flow struct {
 	// FirstByte is how long after establishment the first byte came back from the server
 	// (HBONE flows; zero if none came or it was not measured).
 	FirstByte time.Duration
+
+	abortMu sync.Mutex
+	aborted bool
+	abortFn func()
+}
+
+// Abort closes the flow from outside its stages and relay (a policy change, a removed pod,
+// shutdown): once the relay runs, through its abort (which closes both ends and wakes the
+// relay's parked directions); before that, by closing Down, so that the relay, or the stage
+// holding the flow, fails on it. It is safe from any goroutine, at any time.
+func (f *Flow) Abort() {
+	f.abortMu.Lock()
+	f.aborted = true
+	fn := f.abortFn
+	f.abortMu.Unlock()
+	if fn != nil {
+		fn()
+		return
+	}
+	if f.Down != nil {
+		f.Down.Close()
+	}
+}
+
+// SetAbort installs the relay's abort for Abort. It returns false, installing nothing, when
+// the flow was aborted already: the caller then aborts the relay itself.
+func (f *Flow) SetAbort(fn func()) bool {
+	f.abortMu.Lock()
+	defer f.abortMu.Unlock()
+	if f.aborted {
+		return false
+	}
+	f.abortFn = fn
+	return true
 }
 
 // SetPlan sets the stages the flow will go through, starting now.

@@ -205,8 +205,7 @@ func (p *pod) finish() {
 	// it, so every flow of the pod that will ever be stored is visible here.
 	n.flows.Range(func(_ uint64, f *stages.Flow) bool {
 		if f.Pod == stages.Pod(p) {
-			f.Down.Close()
-			f.Up.Close()
+			f.Abort()
 		}
 		return true
 	})

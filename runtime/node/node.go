@@ -34,6 +34,7 @@ import (
 	"github.com/ztgo/ztgo/redirect/zds"
 	"github.com/ztgo/ztgo/runtime/admin"
 	"github.com/ztgo/ztgo/runtime/buildinfo"
+	"github.com/ztgo/ztgo/runtime/eventloop"
 	"github.com/ztgo/ztgo/runtime/relay"
 	"github.com/ztgo/ztgo/runtime/telemetry"
 	"github.com/ztgo/ztgo/runtime/trace"
@@ -139,6 +140,7 @@ type Node struct {
 	tracker             *authz.Tracker
 	pipeline            *stages.Pipeline
 	relay               *relay.Relay
+	loop                *eventloop.Loop // nil where epoll is missing: relays keep a goroutine per idle socket
 	rec                 *trace.Recorder
 	tel                 *telemetry.Telemetry
 	admin               *admin.Server
@@ -212,7 +214,6 @@ func New(cfg Config) (*Node, error) {
 		pods:        map[string]*pod{},
 		podScopes:   xsync.NewMapOf[string, *pod](),
 		flows:       xsync.NewMapOf[uint64, *stages.Flow](),
-		relay:       relay.New(0),
 	}
 	tasks := []string{"state manager", "certificates", "proxy"}
 	if cfg.InPodUDS != "" && cfg.PodsDir != "" {
@@ -229,14 +230,24 @@ func New(cfg Config) (*Node, error) {
 	build := prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "istio_build", Help: "Istio component build info"}, []string{"component", "tag"})
 	build.WithLabelValues("ztunnel", buildinfo.Version).Set(1)
 	reg.MustRegister(build)
+	loop, err := eventloop.New(cfg.Logger, reg)
+	if err != nil {
+		cfg.Logger.Warn("no event loop: every established flow keeps a goroutine per direction", "error", err)
+		loop = nil
+	}
+	n.loop = loop
+	n.relay = relay.New(0, loop)
 	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "ztgo_relay_buffers_in_use", Help: "Copy buffers held by flows (bytes in flight; idle flows hold none).",
 	}, func() float64 { return float64(n.relay.BuffersInUse()) }))
+	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "ztgo_relay_directions_running",
+		Help: "Flow directions on a goroutine: moving bytes or waiting for their far side (idle ones are parked on the event loop).",
+	}, func() float64 { return float64(n.relay.Running()) }))
 	if err := registerSnapshotMetrics(n.store, reg); err != nil {
 		return nil, err
 	}
 
-	var err error
 	cm, err := localfile.NewMetrics(reg)
 	if err != nil {
 		return nil, err
@@ -404,6 +415,9 @@ func (n *Node) requestQuit() {
 // listener.
 func (n *Node) Start(ctx context.Context) error {
 	n.ctx, n.cancel = context.WithCancel(context.Background())
+	if n.loop != nil {
+		n.loop.Start()
+	}
 	if n.source != nil {
 		if err := n.source.Start(n.ctx); err != nil {
 			return fmt.Errorf("load config: %w", err)
@@ -833,15 +847,17 @@ func (n *Node) established(f *stages.Flow) {
 	// view and the stage histograms do not wait for long-lived connections to close.
 	n.rec.Finish(&f.Trace)
 	n.tel.Opened(f)
-	go func() {
-		res := n.relay.Run(f.Down, f.Up, &f.BytesSent, &f.BytesRecv, func() {
-			f.FirstByte = time.Since(f.Trace.Established)
-			n.rec.ObserveFirstByte(f.Dir.String(), f.FirstByte)
-		})
+	rf := n.relay.Start(f.Down, f.Up, &f.BytesSent, &f.BytesRecv, func() {
+		f.FirstByte = time.Since(f.Trace.Established)
+		n.rec.ObserveFirstByte(f.Dir.String(), f.FirstByte)
+	}, func(res relay.Result) {
 		n.tracker.Remove(f.ID)
 		n.tel.Closed(f, res.Err)
 		n.release(f, p)
-	}()
+	})
+	if !f.SetAbort(rf.Abort) {
+		rf.Abort()
+	}
 }
 
 // release undoes established's registration of f (of pod p, or nil) once its sockets are let
@@ -901,6 +917,9 @@ func (n *Node) fillTrace(f *stages.Flow) {
 // to finish and are then closed, and every goroutine is waited for.
 func (n *Node) Stop(ctx context.Context) error {
 	if n.cancel == nil {
+		if n.loop != nil {
+			n.loop.Stop()
+		}
 		return nil
 	}
 	n.mu.Lock()
@@ -948,8 +967,7 @@ func (n *Node) Stop(ctx context.Context) error {
 	case <-done:
 	case <-dctx.Done():
 		n.flows.Range(func(_ uint64, f *stages.Flow) bool {
-			f.Down.Close()
-			f.Up.Close()
+			f.Abort()
 			return true
 		})
 		<-done
@@ -966,6 +984,9 @@ func (n *Node) Stop(ctx context.Context) error {
 	n.cancel()
 	n.pool.Close()
 	n.wg.Wait()
+	if n.loop != nil {
+		n.loop.Stop() // after the relays: none is parked on it any more
+	}
 	n.certs.Stop()
 	if n.source != nil {
 		n.source.Stop()

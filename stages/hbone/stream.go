@@ -45,6 +45,9 @@ type Stream struct {
 	peerGone    bool  // the peer reset the stream without error: no more writes
 	failed      chan struct{}
 	failOnce    sync.Once
+	// onReadable is called once, under mu, when the stream next has bytes, its end or an
+	// error for the reader (NotifyReadable).
+	onReadable func()
 
 	// sendWindow is guarded by c.mu.
 	sendWindow int64
@@ -115,8 +118,65 @@ func (s *Stream) receive(data []byte, length uint32, end bool) http2.ErrCode {
 	if end {
 		s.remoteEnded = true
 	}
-	s.cond.Broadcast()
+	s.wakeLocked()
 	return http2.ErrCodeNo
+}
+
+// wakeLocked wakes the blocked reader or writer and the reader armed with NotifyReadable.
+func (s *Stream) wakeLocked() {
+	s.cond.Broadcast()
+	if fn := s.onReadable; fn != nil {
+		s.onReadable = nil
+		fn()
+	}
+}
+
+// readableLocked reports whether a reader would not wait: bytes, the end or an error.
+func (s *Stream) readableLocked() bool {
+	return s.buffered > 0 || s.remoteEnded || s.rerr != nil
+}
+
+// NotifyReadable arms fn to be called once when the stream has bytes, its end or an error for
+// the reader, and returns true; if it has one already it returns false and does not arm fn.
+// fn runs with the stream's lock held, often on the connection's read loop: it must not block
+// or call the stream (the relay starts a goroutine). A second NotifyReadable replaces fn.
+func (s *Stream) NotifyReadable(fn func()) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.readableLocked() {
+		s.onReadable = nil
+		return false
+	}
+	s.onReadable = fn
+	return true
+}
+
+// WriteAvailable writes the bytes received so far to w, straight from the receive buffer as
+// WriteTo does, without waiting for more. done is true once the peer ended the stream and
+// every byte was written (err is nil then); with done false and err nil the stream is open
+// and its buffer empty: the caller waits with NotifyReadable.
+func (s *Stream) WriteAvailable(w io.Writer) (n int64, done bool, err error) {
+	for {
+		s.mu.Lock()
+		if s.rerr != nil {
+			err := s.rerr
+			s.mu.Unlock()
+			if err == io.EOF {
+				return n, true, nil
+			}
+			return n, true, err
+		}
+		if s.buffered == 0 {
+			ended := s.remoteEnded
+			s.mu.Unlock()
+			return n, ended, nil
+		}
+		m, err := s.writeHeadLocked(w)
+		n += int64(m)
+		if err != nil {
+			return n, true, err
+		}
+	}
 }
 
 // Read reads tunnelled bytes. It returns io.EOF once the peer has ended the stream and every
@@ -183,34 +243,43 @@ func (s *Stream) WriteTo(w io.Writer) (int64, error) {
 			s.mu.Unlock()
 			return total, nil
 		}
-		ch := s.chunks[0]
-		data := ch.buf[ch.r:ch.w]
-		s.lending = true
-		s.mu.Unlock()
-
-		n, err := w.Write(data)
-
-		s.mu.Lock()
-		s.lending = false
+		n, err := s.writeHeadLocked(w)
 		total += int64(n)
-		if s.rerr != nil {
-			// Failed while we wrote: the chunks were dropped, nothing to account.
-			rerr := s.rerr
-			s.mu.Unlock()
-			if err == nil && rerr != io.EOF {
-				err = rerr
-			}
-			return total, err
-		}
-		ch.r += n
-		if ch.r == ch.w {
-			s.popChunkLocked()
-		}
-		s.consumedLocked(n)
 		if err != nil {
 			return total, err
 		}
 	}
+}
+
+// writeHeadLocked writes the head chunk's bytes to w without s.mu (the reader owns [r, w) of
+// the head chunk; the read loop only appends past w of the tail) and accounts them. It is
+// called with s.mu held and a non-empty buffer, and returns with s.mu released. When the
+// stream failed during the write, the chunks were dropped (lending), nothing is accounted and
+// the error is the stream's unless the write had one.
+func (s *Stream) writeHeadLocked(w io.Writer) (int, error) {
+	ch := s.chunks[0]
+	data := ch.buf[ch.r:ch.w]
+	s.lending = true
+	s.mu.Unlock()
+
+	n, err := w.Write(data)
+
+	s.mu.Lock()
+	s.lending = false
+	if s.rerr != nil {
+		rerr := s.rerr
+		s.mu.Unlock()
+		if err == nil && rerr != io.EOF {
+			err = rerr
+		}
+		return n, err
+	}
+	ch.r += n
+	if ch.r == ch.w {
+		s.popChunkLocked()
+	}
+	s.consumedLocked(n)
+	return n, err
 }
 
 // keepChunkSlots is how many chunk pointers a drained stream keeps room for: enough for the
@@ -439,7 +508,7 @@ func (s *Stream) fail(err error) {
 	}
 	s.chunks = nil
 	s.buffered = 0
-	s.cond.Broadcast()
+	s.wakeLocked()
 	s.mu.Unlock()
 	s.failOnce.Do(func() { close(s.failed) })
 	s.c.mu.Lock()
@@ -455,7 +524,7 @@ func (s *Stream) peerReset(err error) {
 		s.mu.Lock()
 		s.remoteEnded = true
 		s.peerGone = true
-		s.cond.Broadcast()
+		s.wakeLocked()
 		s.mu.Unlock()
 		s.failOnce.Do(func() { close(s.failed) })
 		s.c.mu.Lock()
