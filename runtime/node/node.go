@@ -140,7 +140,8 @@ type Node struct {
 	tracker             *authz.Tracker
 	pipeline            *stages.Pipeline
 	relay               *relay.Relay
-	loop                *eventloop.Loop // nil where epoll is missing: relays keep a goroutine per idle socket
+	loop                *eventloop.Loop  // nil where epoll is missing: relays keep a goroutine per idle socket
+	chunks              *hbone.ChunkPool // receive buffers shared by every HBONE connection
 	rec                 *trace.Recorder
 	tel                 *telemetry.Telemetry
 	admin               *admin.Server
@@ -214,6 +215,7 @@ func New(cfg Config) (*Node, error) {
 		pods:        map[string]*pod{},
 		podScopes:   xsync.NewMapOf[string, *pod](),
 		flows:       xsync.NewMapOf[uint64, *stages.Flow](),
+		chunks:      hbone.NewChunkPool(),
 	}
 	tasks := []string{"state manager", "certificates", "proxy"}
 	if cfg.InPodUDS != "" && cfg.PodsDir != "" {
@@ -657,7 +659,7 @@ func (n *Node) dialHBONE(ctx context.Context, key connpool.Key) (*hbone.Conn, er
 	}
 	set := hbone.ClientSettings()
 	set.MaxConcurrentStreams = n.cfg.PoolMaxStreams
-	c, err := hbone.NewClientConn(tc, hbone.Config{Settings: set, Logger: n.log})
+	c, err := hbone.NewClientConn(tc, hbone.Config{Settings: set, Logger: n.log, Chunks: n.chunks})
 	if err != nil {
 		return nil, &stages.Error{Kind: stages.FailH2Handshake, Err: err}
 	}
@@ -751,6 +753,7 @@ func (n *Node) serveInbound(nc net.Conn, p *pod) {
 	local, remote := addrPort(nc.LocalAddr()), addrPort(nc.RemoteAddr())
 	conn, err := hbone.ServeConn(tc, hbone.Config{
 		Logger:  n.log,
+		Chunks:  n.chunks,
 		Handler: func(s *hbone.Stream) { n.inboundStream(s, local, remote, peer, p) },
 	})
 	if err != nil {
@@ -846,6 +849,9 @@ func (n *Node) established(f *stages.Flow) {
 	// The stage trace is complete once the flow is established: record it now, so the live
 	// view and the stage histograms do not wait for long-lived connections to close.
 	n.rec.Finish(&f.Trace)
+	// The recorder keeps its own copy; the access log at the end reads the flow's fields, not
+	// these strings, so a long-lived flow need not hold them.
+	f.Trace.Src, f.Trace.Dst, f.Trace.SrcIdentity, f.Trace.DstIdentity, f.Trace.TraceParent = "", "", "", "", ""
 	n.tel.Opened(f)
 	rf := n.relay.Start(f.Down, f.Up, &f.BytesSent, &f.BytesRecv, func() {
 		f.FirstByte = time.Since(f.Trace.Established)

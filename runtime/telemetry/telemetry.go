@@ -260,8 +260,8 @@ func (t *Telemetry) attrs(f *stages.Flow, d time.Duration) []any {
 	if d > 0 {
 		a = append(a, "bytes_sent", f.BytesSent.Load(), "bytes_recv", f.BytesRecv.Load(), "duration", fmt.Sprintf("%dms", d.Milliseconds()))
 	}
-	for _, s := range f.Trace.Spans() {
-		if !s.End.IsZero() {
+	for i := range f.Trace.NumSpans() {
+		if s := f.Trace.Span(i); !s.End.IsZero() {
 			a = append(a, "stage."+s.Stage, s.Work().String())
 		}
 	}

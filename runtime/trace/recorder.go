@@ -159,18 +159,18 @@ func (r *Recorder) Finish(rec *Record) {
 	now := r.now()
 	sec := now.Unix()
 	at := int64(now.Sub(r.t0))
-	for i := range rec.n {
+	for i := range int(rec.n) {
 		s := &rec.spans[i]
-		if s.End.IsZero() || s.Start.IsZero() {
+		if s.end == 0 || s.start == 0 {
 			continue
 		}
-		work := int64(s.Work())
-		e := sh.entry(r, s.Stage, rec.Direction, i)
+		work := s.end - s.start
+		e := sh.entry(r, s.stage, rec.Direction, i)
 		if e.pend != nil {
 			e.window(r, sec, work)
 		}
 		e.work.observe(work)
-		e.wait.observe(int64(s.Wait()))
+		e.wait.observe(s.start - s.queued)
 	}
 	re := &sh.recent[sh.next]
 	re.at, re.rec = at, *rec

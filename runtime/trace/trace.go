@@ -87,35 +87,73 @@ type Record struct {
 	Begin       time.Time
 	Established time.Time
 	Outcome     string
-	spans       [MaxSpans]Span
-	n           int
+	spans       [MaxSpans]span
+	n           uint8
 }
 
-// Enter marks the flow queued for stage at t.
+// span is a Span kept small: every flow carries one Record, and idle flows are most of a
+// node's memory. Times are nanoseconds after Begin, plus one, so that zero means not set.
+type span struct {
+	stage              string
+	queued, start, end int64
+}
+
+// at is t as stored in a span.
+func (r *Record) at(t time.Time) int64 {
+	if r.Begin.IsZero() {
+		r.Begin = t
+	}
+	return max(int64(t.Sub(r.Begin)), 0) + 1
+}
+
+// time is the inverse of at.
+func (r *Record) time(v int64) time.Time {
+	if v == 0 {
+		return time.Time{}
+	}
+	return r.Begin.Add(time.Duration(v - 1))
+}
+
+// Enter marks the flow queued for stage at t. Begin, when not set yet, becomes t.
 func (r *Record) Enter(stage string, t time.Time) {
 	if r.n == MaxSpans {
 		return
 	}
-	r.spans[r.n] = Span{Stage: stage, Queued: t}
+	r.spans[r.n] = span{stage: stage, queued: r.at(t)}
 	r.n++
 }
 
-// Begin marks the current stage taken by a worker.
+// StartStage marks the current stage taken by a worker.
 func (r *Record) StartStage(t time.Time) {
 	if r.n > 0 {
-		r.spans[r.n-1].Start = t
+		r.spans[r.n-1].start = r.at(t)
 	}
 }
 
 // Leave marks the current stage done.
 func (r *Record) Leave(t time.Time) {
 	if r.n > 0 {
-		r.spans[r.n-1].End = t
+		r.spans[r.n-1].end = r.at(t)
 	}
 }
 
-// Spans returns the recorded stages in order.
-func (r *Record) Spans() []Span { return r.spans[:r.n] }
+// NumSpans is how many stages the record holds; Span(i) is the i-th, in order.
+func (r *Record) NumSpans() int { return int(r.n) }
+
+// Span returns the i-th recorded stage.
+func (r *Record) Span(i int) Span {
+	s := &r.spans[i]
+	return Span{Stage: s.stage, Queued: r.time(s.queued), Start: r.time(s.start), End: r.time(s.end)}
+}
+
+// Spans returns the recorded stages in order, in a new slice.
+func (r *Record) Spans() []Span {
+	out := make([]Span, r.n)
+	for i := range out {
+		out[i] = r.Span(i)
+	}
+	return out
+}
 
 // Total is the time from the first stage to establishment (or to the end, if it failed).
 func (r *Record) Total() time.Duration {
@@ -124,7 +162,7 @@ func (r *Record) Total() time.Duration {
 	}
 	end := r.Established
 	if end.IsZero() {
-		end = r.spans[r.n-1].End
+		end = r.time(r.spans[r.n-1].end)
 	}
 	return end.Sub(r.Begin)
 }

@@ -276,7 +276,7 @@ func benchRecords() []*Record {
 			rec.StartStage(at.Add(time.Microsecond))
 			rec.Leave(at.Add(time.Duration(5+i%7) * time.Microsecond))
 		}
-		rec.Established = rec.spans[3].End
+		rec.Established = rec.Span(3).End
 		recs[i] = rec
 	}
 	return recs
@@ -351,4 +351,35 @@ func BenchmarkFinishParallelAffine(b *testing.B) {
 			r.Finish(&recs[i%len(recs)])
 		}
 	})
+}
+
+// TestSpanTimes: the compact spans give back the times they were given, including a stage
+// entered at the very instant the flow began, and unset times stay zero.
+func TestSpanTimes(t *testing.T) {
+	t0 := time.Now()
+	rec := &Record{Begin: t0}
+	rec.Enter("capture", t0)
+	rec.StartStage(t0.Add(3 * time.Microsecond))
+	rec.Leave(t0.Add(10 * time.Microsecond))
+	rec.Enter("identity", t0.Add(11*time.Microsecond))
+	if rec.NumSpans() != 2 {
+		t.Fatalf("%d spans", rec.NumSpans())
+	}
+	s := rec.Span(0)
+	if !s.Queued.Equal(t0) || s.Wait() != 3*time.Microsecond || s.Work() != 7*time.Microsecond {
+		t.Fatalf("span 0 = %+v (wait %v, work %v)", s, s.Wait(), s.Work())
+	}
+	s = rec.Span(1)
+	if !s.Queued.Equal(t0.Add(11*time.Microsecond)) || !s.Start.IsZero() || !s.End.IsZero() {
+		t.Fatalf("span 1 = %+v", s)
+	}
+	if got := rec.Spans(); len(got) != 2 || got[0] != rec.Span(0) {
+		t.Fatalf("Spans() = %+v", got)
+	}
+	// Without Begin, the first Enter sets it.
+	var r2 Record
+	r2.Enter("capture", t0)
+	if !r2.Begin.Equal(t0) || !r2.Span(0).Queued.Equal(t0) {
+		t.Fatalf("record without Begin: %+v %+v", r2.Begin, r2.Span(0))
+	}
 }

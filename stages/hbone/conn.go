@@ -43,7 +43,12 @@ const (
 	// maxCtrlQueue bounds the control frames waiting to be written; a peer that makes us queue
 	// more (PING or SETTINGS floods) loses its connection.
 	maxCtrlQueue = 4096
-	bufSize      = 64 << 10
+	// writeBufSize batches frames into TLS records. readBufSize only has to hold frame
+	// headers and small frames: a read for a bigger payload bypasses it (bufio reads into the
+	// caller's buffer), and TLS hands over at most one 16 KiB record per read anyway. Both
+	// live as long as the connection, idle or not.
+	writeBufSize = 64 << 10
+	readBufSize  = 16 << 10
 	// prefaceTimeout bounds the wait for a client's HTTP/2 preface after the TLS handshake.
 	prefaceTimeout = 10 * time.Second
 )
@@ -60,7 +65,24 @@ type Config struct {
 	Logger  *slog.Logger
 	// OnIdle, if set, is called (on the read loop) whenever the last active stream ends.
 	OnIdle func(*Conn)
+	// Chunks, if set, is the receive-buffer pool the connection shares with others (a node
+	// passes one to all its connections); nil gives the connection a pool of its own. A pool
+	// per connection keeps up to a chunk per processor on every idle connection.
+	Chunks *ChunkPool
 }
+
+// ChunkPool recycles stream receive buffers (32 KiB chunks) between connections.
+type ChunkPool struct{ p sync.Pool }
+
+// NewChunkPool returns an empty pool.
+func NewChunkPool() *ChunkPool {
+	cp := &ChunkPool{}
+	cp.p.New = func() any { return new(chunk) }
+	return cp
+}
+
+func (cp *ChunkPool) get() *chunk  { return cp.p.Get().(*chunk) }
+func (cp *ChunkPool) put(c *chunk) { cp.p.Put(c) }
 
 // Conn is one HTTP/2 connection carrying HBONE streams, in the client or server role.
 type Conn struct {
@@ -107,7 +129,7 @@ type Conn struct {
 	earlyResets int       // unanswered streams the peer reset in that window
 
 	pingOut  atomic.Int64 // unix nanos of the outstanding PING, 0 if none
-	chunks   sync.Pool
+	chunks   *ChunkPool
 	done     chan struct{}
 	wg       sync.WaitGroup
 	closeOne sync.Once
@@ -206,7 +228,7 @@ func newConn(nc net.Conn, server bool, cfg Config) *Conn {
 		handler:        cfg.Handler,
 		log:            log,
 		onIdle:         cfg.OnIdle,
-		bw:             bufio.NewWriterSize(nc, bufSize),
+		bw:             bufio.NewWriterSize(nc, writeBufSize),
 		streams:        make(map[uint32]*Stream),
 		sendWindow:     65535,
 		peerInitWindow: 65535,
@@ -218,12 +240,15 @@ func newConn(nc net.Conn, server bool, cfg Config) *Conn {
 	}
 	c.flowCond.L = &c.mu
 	c.henc = hpack.NewEncoder(&c.hbuf)
-	c.fr = http2.NewFramer(c.bw, bufio.NewReaderSize(nc, bufSize))
+	c.fr = http2.NewFramer(c.bw, bufio.NewReaderSize(nc, readBufSize))
 	c.fr.SetReuseFrames()
 	c.fr.SetMaxReadFrameSize(c.set.MaxFrameSize)
 	c.fr.MaxHeaderListSize = c.set.MaxHeaderListSize
 	c.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
-	c.chunks.New = func() any { return new(chunk) }
+	c.chunks = cfg.Chunks
+	if c.chunks == nil {
+		c.chunks = NewChunkPool()
+	}
 	return c
 }
 
