@@ -140,8 +140,8 @@ type Node struct {
 	tracker             *authz.Tracker
 	pipeline            *stages.Pipeline
 	relay               *relay.Relay
-	loop                *eventloop.Loop  // nil where epoll is missing: relays keep a goroutine per idle socket
-	chunks              *hbone.ChunkPool // receive buffers shared by every HBONE connection
+	loop                *eventloop.Loop // nil where epoll is missing: relays keep a goroutine per idle socket
+	bufs                *hbone.Buffers  // receive and write buffers shared by every HBONE connection
 	rec                 *trace.Recorder
 	tel                 *telemetry.Telemetry
 	admin               *admin.Server
@@ -215,7 +215,7 @@ func New(cfg Config) (*Node, error) {
 		pods:        map[string]*pod{},
 		podScopes:   xsync.NewMapOf[string, *pod](),
 		flows:       xsync.NewMapOf[uint64, *stages.Flow](),
-		chunks:      hbone.NewChunkPool(),
+		bufs:        hbone.NewBuffers(),
 	}
 	tasks := []string{"state manager", "certificates", "proxy"}
 	if cfg.InPodUDS != "" && cfg.PodsDir != "" {
@@ -659,7 +659,7 @@ func (n *Node) dialHBONE(ctx context.Context, key connpool.Key) (*hbone.Conn, er
 	}
 	set := hbone.ClientSettings()
 	set.MaxConcurrentStreams = n.cfg.PoolMaxStreams
-	c, err := hbone.NewClientConn(tc, hbone.Config{Settings: set, Logger: n.log, Chunks: n.chunks})
+	c, err := hbone.NewClientConn(tc, hbone.Config{Settings: set, Logger: n.log, Buffers: n.bufs})
 	if err != nil {
 		return nil, &stages.Error{Kind: stages.FailH2Handshake, Err: err}
 	}
@@ -753,7 +753,7 @@ func (n *Node) serveInbound(nc net.Conn, p *pod) {
 	local, remote := addrPort(nc.LocalAddr()), addrPort(nc.RemoteAddr())
 	conn, err := hbone.ServeConn(tc, hbone.Config{
 		Logger:  n.log,
-		Chunks:  n.chunks,
+		Buffers: n.bufs,
 		Handler: func(s *hbone.Stream) { n.inboundStream(s, local, remote, peer, p) },
 	})
 	if err != nil {

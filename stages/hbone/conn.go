@@ -65,24 +65,10 @@ type Config struct {
 	Logger  *slog.Logger
 	// OnIdle, if set, is called (on the read loop) whenever the last active stream ends.
 	OnIdle func(*Conn)
-	// Chunks, if set, is the receive-buffer pool the connection shares with others (a node
-	// passes one to all its connections); nil gives the connection a pool of its own. A pool
-	// per connection keeps up to a chunk per processor on every idle connection.
-	Chunks *ChunkPool
+	// Buffers, if set, are the pools the connection shares with others (a node passes one to
+	// all its connections); nil gives the connection pools of its own.
+	Buffers *Buffers
 }
-
-// ChunkPool recycles stream receive buffers (32 KiB chunks) between connections.
-type ChunkPool struct{ p sync.Pool }
-
-// NewChunkPool returns an empty pool.
-func NewChunkPool() *ChunkPool {
-	cp := &ChunkPool{}
-	cp.p.New = func() any { return new(chunk) }
-	return cp
-}
-
-func (cp *ChunkPool) get() *chunk  { return cp.p.Get().(*chunk) }
-func (cp *ChunkPool) put(c *chunk) { cp.p.Put(c) }
 
 // Conn is one HTTP/2 connection carrying HBONE streams, in the client or server role.
 type Conn struct {
@@ -97,7 +83,7 @@ type Conn struct {
 
 	// Write side. wmu serialises every frame written; whoever holds it drains ctrlQ first.
 	wmu    sync.Mutex
-	bw     *bufio.Writer
+	bw     batchWriter
 	henc   *hpack.Encoder
 	hbuf   bytes.Buffer
 	hdrBuf [9]byte
@@ -129,7 +115,7 @@ type Conn struct {
 	earlyResets int       // unanswered streams the peer reset in that window
 
 	pingOut  atomic.Int64 // unix nanos of the outstanding PING, 0 if none
-	chunks   *ChunkPool
+	bufs     *Buffers
 	done     chan struct{}
 	wg       sync.WaitGroup
 	closeOne sync.Once
@@ -228,7 +214,6 @@ func newConn(nc net.Conn, server bool, cfg Config) *Conn {
 		handler:        cfg.Handler,
 		log:            log,
 		onIdle:         cfg.OnIdle,
-		bw:             bufio.NewWriterSize(nc, writeBufSize),
 		streams:        make(map[uint32]*Stream),
 		sendWindow:     65535,
 		peerInitWindow: 65535,
@@ -240,15 +225,16 @@ func newConn(nc net.Conn, server bool, cfg Config) *Conn {
 	}
 	c.flowCond.L = &c.mu
 	c.henc = hpack.NewEncoder(&c.hbuf)
-	c.fr = http2.NewFramer(c.bw, bufio.NewReaderSize(nc, readBufSize))
+	c.bufs = cfg.Buffers
+	if c.bufs == nil {
+		c.bufs = NewBuffers()
+	}
+	c.bw = batchWriter{w: nc, pool: c.bufs}
+	c.fr = http2.NewFramer(&c.bw, bufio.NewReaderSize(nc, readBufSize))
 	c.fr.SetReuseFrames()
 	c.fr.SetMaxReadFrameSize(c.set.MaxFrameSize)
 	c.fr.MaxHeaderListSize = c.set.MaxHeaderListSize
 	c.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
-	c.chunks = cfg.Chunks
-	if c.chunks == nil {
-		c.chunks = NewChunkPool()
-	}
 	return c
 }
 

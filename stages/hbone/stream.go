@@ -106,7 +106,7 @@ func (s *Stream) receive(data []byte, length uint32, end bool) http2.ErrCode {
 		if n := len(s.chunks); n > 0 && s.chunks[n-1].w < chunkSize {
 			tail = s.chunks[n-1]
 		} else {
-			tail = s.c.chunks.get()
+			tail = s.c.bufs.getChunk()
 			tail.r, tail.w = 0, 0
 			s.chunks = append(s.chunks, tail)
 		}
@@ -295,7 +295,7 @@ func (s *Stream) popChunkLocked() {
 	if n == 0 && cap(s.chunks) > keepChunkSlots {
 		s.chunks = nil
 	}
-	s.c.chunks.put(ch)
+	s.c.bufs.putChunk(ch)
 }
 
 // consumedLocked accounts n bytes read and unlocks s.mu, returning stream credit to the peer in
@@ -503,7 +503,7 @@ func (s *Stream) fail(err error) {
 	}
 	if !s.lending {
 		for _, ch := range s.chunks {
-			s.c.chunks.put(ch)
+			s.c.bufs.putChunk(ch)
 		}
 	}
 	s.chunks = nil
