@@ -50,6 +50,7 @@ type Relay struct {
 	pipes   sync.Pool
 	loop    *eventloop.Loop
 	running atomic.Int64
+	inline  atomic.Int64
 }
 
 // New returns a relay whose copy buffers are bufSize bytes (default 256 KiB). With loop, idle
@@ -80,6 +81,10 @@ func (r *Relay) BuffersInUse() int64 { return r.inUse.Load() }
 // Running is the number of flow directions currently on a goroutine (moving bytes, or waiting
 // for their far side); parked directions are not counted.
 func (r *Relay) Running() int64 { return r.running.Load() }
+
+// InlineWrites counts the times bytes from an HBONE stream went to their socket straight
+// from the connection's read loop, without a goroutine.
+func (r *Relay) InlineWrites() int64 { return r.inline.Load() }
 
 // Result of a finished flow.
 type Result struct {
@@ -197,6 +202,12 @@ func (d *dir) init(f *Flow, dst, src Conn, c Counter, first func()) {
 	switch {
 	case isStream(src):
 		d.mode = modeStream
+		if dstTCP != nil {
+			if rc, err := dstTCP.SyscallConn(); err == nil {
+				d.dstRC = rc
+				d.wakeFn = d.wakeStream
+			}
+		}
 	case srcTCP != nil && f.r.loop != nil:
 		rc, err := srcTCP.SyscallConn()
 		if err != nil {
@@ -236,6 +247,62 @@ func (d *dir) wake() {
 		d.f.r.running.Add(1)
 		go d.run()
 	}
+}
+
+// wakeStream is wake for an HBONE stream source with a TCP destination, called by the stream
+// on its connection's read loop: it writes what arrived straight to the socket, without
+// blocking and without handing over to another goroutine, when the socket takes all of it
+// (the common case: a request or a response smaller than the socket buffer); anything else (a
+// full socket, the end of the stream, an error) goes to a burst goroutine as before.
+func (d *dir) wakeStream() {
+	if !d.parked.CompareAndSwap(true, false) {
+		return
+	}
+	d.f.r.running.Add(1)
+	for range 4 { // a few rounds at most: the read loop has other streams to serve
+		if d.f.aborted.Load() || d.armErr != nil {
+			break
+		}
+		n, done, err := d.src.(*hbone.Stream).WriteAvailable(countWriter{nonBlocking{d.dstRC}, d.count})
+		d.n += n
+		if n > 0 {
+			d.f.r.inline.Add(1)
+		}
+		if err != nil || done {
+			break // the goroutine sees the same error or end, and finishes
+		}
+		d.parked.Store(true)
+		if !d.sleep() {
+			d.f.r.running.Add(-1)
+			return // drained and armed again
+		}
+		if !d.parked.CompareAndSwap(true, false) {
+			d.f.r.running.Add(-1)
+			return // a concurrent wake runs it
+		}
+	}
+	go d.run()
+}
+
+// nonBlocking writes to a socket once, without waiting: a partial write returns errWouldBlock.
+type nonBlocking struct{ rc syscall.RawConn }
+
+var errWouldBlock = errors.New("relay: socket full")
+
+func (w nonBlocking) Write(p []byte) (int, error) {
+	var n int
+	var werr error
+	err := w.rc.Write(func(fd uintptr) bool {
+		n, werr = writeFD(int(fd), p)
+		return true
+	})
+	if err != nil {
+		return n, err
+	}
+	if isAgain(werr) || (werr == nil && n < len(p)) {
+		return n, errWouldBlock
+	}
+	return n, werr
 }
 
 // run moves bytes until the source would block, then parks, or finishes the direction.
@@ -350,6 +417,11 @@ func (d *dir) burstRead() (bool, error) {
 			}
 			if werr != nil {
 				return false, werr
+			}
+			if n < r.bufSize {
+				// A short read of a stream socket drained it: park now rather than spend a
+				// read on EAGAIN; re-arming reports at once if more came in the meantime.
+				return true, nil
 			}
 			continue
 		}

@@ -375,6 +375,14 @@ func TestBackpressure(t *testing.T) {
 		} else {
 			up, server = streamPair(t)
 		}
+		// Fixed socket buffers (the kernel doubles them, and autotuning could otherwise grow a
+		// loopback receive buffer to tcp_rmem's maximum): the bound below is theirs.
+		for _, c := range []any{client, down, up, server} {
+			if tc, ok := c.(*net.TCPConn); ok {
+				tc.SetReadBuffer(256 << 10)
+				tc.SetWriteBuffer(256 << 10)
+			}
+		}
 		done := make(chan Result, 1)
 		r.Start(down, up, nil, nil, nil, func(res Result) { done <- res })
 		// Push until the client's writes stall for a while.
@@ -391,8 +399,12 @@ func TestBackpressure(t *testing.T) {
 				t.Fatalf("%s: sender pushed %d MiB into a flow nobody reads", kind, pushed>>20)
 			}
 		}
-		// Loopback socket buffers are a few MiB at most; the stream window is 4 MiB.
-		limit := int64(32 << 20)
+		// Four socket buffers of 512 KiB, the relay's pipe (1 MiB) and, through HBONE, the
+		// stream window (4 MiB) and the HBONE connection's socket buffers (autotuned).
+		limit := int64(4<<20 + 1<<20)
+		if kind == "stream" {
+			limit += 4<<20 + 16<<20
+		}
 		if pushed > limit {
 			t.Fatalf("%s: %d MiB accepted while the far side does not read, want < %d MiB", kind, pushed>>20, limit>>20)
 		}
@@ -423,4 +435,70 @@ func TestBackpressure(t *testing.T) {
 		}
 		t.Logf("%s: %d KiB accepted before the sender stalled", kind, pushed>>10)
 	}
+}
+
+// TestStreamToTCPWriteThrough: bytes from an HBONE stream reach an idle socket straight from
+// the connection's read loop; when the socket is full, the rest waits on a goroutine, the
+// stream's window stops the sender, and nothing is lost.
+func TestStreamToTCPWriteThrough(t *testing.T) {
+	r := relays(t)["eventloop"]
+	app, down := tcpPair(t)
+	up, peer := streamPair(t)
+	done := make(chan Result, 1)
+	r.Start(down, up, nil, nil, nil, func(res Result) { done <- res })
+	exchange(t, app, peer, "ping")
+	if r.InlineWrites() == 0 {
+		t.Fatal("a small response did not go through the read loop's write-through")
+	}
+	// The app stops reading: the peer's writes stall at the stream window.
+	var pushed atomic.Int64
+	var stop atomic.Bool
+	pusherDone := make(chan struct{})
+	go func() {
+		defer close(pusherDone)
+		chunk := make([]byte, 64<<10)
+		for !stop.Load() && pushed.Load() < 256<<20 {
+			n, err := peer.Write(chunk)
+			pushed.Add(int64(n))
+			if err != nil {
+				return
+			}
+		}
+	}()
+	var last int64
+	for i := 0; ; i++ {
+		time.Sleep(100 * time.Millisecond)
+		now := pushed.Load()
+		if now == last && now > 0 {
+			break
+		}
+		last = now
+		if i > 100 {
+			t.Fatal("the peer never stalled")
+		}
+	}
+	if p := pushed.Load(); p > 32<<20 {
+		t.Fatalf("%d MiB pushed into a flow whose app does not read", p>>20)
+	}
+	// Everything arrives once the app reads.
+	stop.Store(true)
+	readCh := make(chan int64, 1)
+	go func() { n, _ := io.Copy(io.Discard, app); readCh <- n }()
+	<-pusherDone
+	want := pushed.Load()
+	peer.CloseWrite()
+	if got := <-readCh; got != want {
+		t.Fatalf("app read %d of %d bytes", got, want)
+	}
+	app.CloseWrite()
+	io.ReadAll(peer)
+	select {
+	case res := <-done:
+		if res.Err != nil || res.Recv != want+4 {
+			t.Fatalf("%+v, want %d received", res, want+4)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("flow did not finish")
+	}
+	peer.Close()
 }

@@ -87,16 +87,24 @@ func (s *Stream) Request() *Request { return &s.req }
 // non-zero code when the frame violates the stream's state or window.
 func (s *Stream) receive(data []byte, length uint32, end bool) http2.ErrCode {
 	s.mu.Lock()
-	defer s.mu.Unlock()
+	code, notify := s.receiveLocked(data, length, end)
+	s.mu.Unlock()
+	if notify != nil {
+		notify()
+	}
+	return code
+}
+
+func (s *Stream) receiveLocked(data []byte, length uint32, end bool) (http2.ErrCode, func()) {
 	if s.remoteEnded {
-		return http2.ErrCodeStreamClosed
+		return http2.ErrCodeStreamClosed, nil
 	}
 	if s.rerr != nil {
 		// Closed locally: drop the data, the connection window was already returned.
-		return http2.ErrCodeNo
+		return http2.ErrCodeNo, nil
 	}
 	if int64(length) > s.recvWindow {
-		return http2.ErrCodeFlowControl
+		return http2.ErrCodeFlowControl, nil
 	}
 	s.recvWindow -= int64(length)
 	// Padding is consumed at once: it never reaches the reader.
@@ -118,17 +126,16 @@ func (s *Stream) receive(data []byte, length uint32, end bool) http2.ErrCode {
 	if end {
 		s.remoteEnded = true
 	}
-	s.wakeLocked()
-	return http2.ErrCodeNo
+	return http2.ErrCodeNo, s.wakeLocked()
 }
 
-// wakeLocked wakes the blocked reader or writer and the reader armed with NotifyReadable.
-func (s *Stream) wakeLocked() {
+// wakeLocked wakes the blocked reader or writer, and returns the function armed with
+// NotifyReadable, if any, disarmed: the caller calls it once s.mu is released.
+func (s *Stream) wakeLocked() func() {
 	s.cond.Broadcast()
-	if fn := s.onReadable; fn != nil {
-		s.onReadable = nil
-		fn()
-	}
+	fn := s.onReadable
+	s.onReadable = nil
+	return fn
 }
 
 // readableLocked reports whether a reader would not wait: bytes, the end or an error.
@@ -138,8 +145,9 @@ func (s *Stream) readableLocked() bool {
 
 // NotifyReadable arms fn to be called once when the stream has bytes, its end or an error for
 // the reader, and returns true; if it has one already it returns false and does not arm fn.
-// fn runs with the stream's lock held, often on the connection's read loop: it must not block
-// or call the stream (the relay starts a goroutine). A second NotifyReadable replaces fn.
+// fn runs without the stream's lock, often on the connection's read loop, which reads every
+// stream of the connection: it must not block (the relay writes what the socket takes at once
+// and leaves the rest to a goroutine). A second NotifyReadable replaces fn.
 func (s *Stream) NotifyReadable(fn func()) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -508,8 +516,11 @@ func (s *Stream) fail(err error) {
 	}
 	s.chunks = nil
 	s.buffered = 0
-	s.wakeLocked()
+	notify := s.wakeLocked()
 	s.mu.Unlock()
+	if notify != nil {
+		notify()
+	}
 	s.failOnce.Do(func() { close(s.failed) })
 	s.c.mu.Lock()
 	s.c.flowCond.Broadcast()
@@ -524,8 +535,11 @@ func (s *Stream) peerReset(err error) {
 		s.mu.Lock()
 		s.remoteEnded = true
 		s.peerGone = true
-		s.wakeLocked()
+		notify := s.wakeLocked()
 		s.mu.Unlock()
+		if notify != nil {
+			notify()
+		}
 		s.failOnce.Do(func() { close(s.failed) })
 		s.c.mu.Lock()
 		s.c.flowCond.Broadcast()
