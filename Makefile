@@ -6,7 +6,7 @@ VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev
 LDFLAGS  := -s -w -X github.com/ztgo/ztgo/runtime/buildinfo.Version=$(VERSION)
 STATICCHECK_VERSION := v0.8.2
 
-.PHONY: all build run demo demo-netns test test-privileged test-short bench bench-once fuzz lint vet staticcheck clean
+.PHONY: all build run demo demo-netns test test-privileged test-short bench bench-full bench-go bench-once fuzz lint vet staticcheck clean
 
 all: build
 
@@ -42,8 +42,25 @@ test-privileged:
 bench-once:
 	$(GO) test -run '^$$' -bench . -benchtime 1x $(PKGS)
 
-bench:
+# Go benchmarks with allocations.
+bench-go:
 	$(GO) test -run '^$$' -bench . -benchmem $(PKGS)
+
+# meshbench's quick run (a minute or two): ztgo side by side with the direct path and the peers
+# (stunnel4, installed by perf/install-peers.sh when missing and root); the report on stdout.
+bench: build
+	./perf/install-peers.sh
+	$(GO) run ./perf/cmd/meshbench --ztgo ./$(BIN) --quick
+
+# meshbench's full run (several minutes): the report also in perf/last-run.md, CPU and heap
+# profiles in perf/profiles, then flame graphs of both nodes' CPU during 1-stream throughput.
+bench-full: build
+	./perf/install-peers.sh
+	$(GO) run ./perf/cmd/meshbench --ztgo ./$(BIN) --profile-dir perf/profiles --out perf/last-run.md
+	$(GO) run ./perf/cmd/flamegraph --title 'ztgo node a (client side): CPU profile, meshbench 1-stream throughput' \
+		-o perf/profiles/flame-throughput-node-a.svg perf/profiles/throughput-node-a.pprof
+	$(GO) run ./perf/cmd/flamegraph --title 'ztgo node b (server side): CPU profile, meshbench 1-stream throughput' \
+		-o perf/profiles/flame-throughput-node-b.svg perf/profiles/throughput-node-b.pprof
 
 fuzz:
 	@for spec in \
@@ -56,7 +73,9 @@ fuzz:
 		./redirect/agent:FuzzParsePodSpec \
 		./stages/dns:FuzzHandle \
 		./control/xds:FuzzHandle \
-		./stages/authz:FuzzPrincipalMatch ; do \
+		./stages/authz:FuzzPrincipalMatch \
+		./perf/flamegraph:FuzzRead \
+		./perf/flamegraph:FuzzRender ; do \
 		pkg=$${spec%%:*}; fn=$${spec##*:}; \
 		echo "== $$pkg $$fn"; \
 		$(GO) test -run '^$$' -fuzz "^$$fn$$" -fuzztime $${FUZZTIME:-20s} $$pkg || exit 1; \

@@ -1,17 +1,17 @@
 //go:build linux
 
-// Command meshbench measures ztgo against the direct loopback path in one run and prints a
-// markdown table of the medians and ratios.
+// Command meshbench measures ztgo against the direct loopback path and performance.md's peers
+// in one run and prints a markdown table of the medians and ratios.
 //
-//	go run ./perf/cmd/meshbench --ztgo ./bin/ztgo [--quick] [--out FILE] [--profile-dir DIR] [--only tp1,rtt1,idle,...]
+//	go run ./perf/cmd/meshbench --ztgo ./bin/ztgo [--quick] [--out FILE] [--profile-dir DIR] [--istiohbone BIN] [--only tp1,rtt1,rate,idle,slow,...]
 //
 // It starts two ztgo processes from the given binary on one mesh config (a client workload
 // 127.40.1.10 on node bench-a, a server workload 127.40.2.10 on node bench-b, both HBONE) and a
-// shared CA directory, and runs its own servers on 127.40.2.10: a sink, a source, an echo and a
-// server that writes one byte and closes; and, in a process of its own (the same executable with
-// MESHBENCH_IDLE_ECHO set), an echo with a small buffer for idle connections. Every workload
-// but the idle one runs on two paths, interleaved round by round (direct, ztgo, direct, ztgo
-// ...):
+// shared CA directory, and runs its own servers on 127.40.2.10: a sink, a source, an echo, a
+// server that writes one byte and closes, and two flood servers for the slow reader; and, in a
+// process of its own (the same executable with MESHBENCH_IDLE_ECHO set), an echo with a small
+// buffer for idle connections. Every workload but the idle and slow-reader ones runs on several
+// paths, interleaved round by round (direct, ztgo, stunnel, istio, direct, ztgo ...):
 //
 //   - direct: a client socket bound to 127.40.1.10 straight to 127.40.2.10:port;
 //   - ztgo: the same client socket to node a's SOCKS5 (CONNECT answered once the upstream is
@@ -19,13 +19,28 @@
 //   - stunnel (throughput workloads only): the same client socket to a client-mode stunnel on
 //     127.40.3.1, TLS 1.3 with a client certificate to a server stunnel on 127.40.3.2 that
 //     verifies it (mutual TLS, a throwaway ECDSA P-256 CA made in the temp dir), then to the
-//     server; the rounds go direct, ztgo, stunnel, direct, ztgo, stunnel ... When stunnel4 is
-//     not installed or the pair does not work, its runs are skipped with a line in the report.
+//     server. When stunnel4 is not installed or the pair does not work, its runs are skipped
+//     with a line in the report.
+//   - istio (throughput and round-trip workloads): Istio's Go HBONE (istio.io/istio/pkg/hbone)
+//     as two processes of perf/cmd/istiohbone, built into a temp dir with `go build` from the
+//     module root unless --istiohbone names a binary: the client side on 127.40.4.1 turns each
+//     connection into one HBONE CONNECT through Istio's dialer, over mutual TLS 1.3 (its own
+//     throwaway CA) to the server side on 127.40.4.2:15008 (Istio's hbone.NewServer), which
+//     dials the server. When it cannot be built or does not work, its runs are skipped with a
+//     line in the report.
 //
 // Workloads: 1-stream throughput both ways, 8-stream throughput, round trips of 1 B and 1 KiB
-// on one connection, and new connections to a first byte, sequential and with 8 clients. It
-// also records the nodes' RSS and their CPU time per GB moved and per connection, and, with
-// --profile-dir, CPU profiles of both nodes during an extra 1-stream throughput run.
+// on one connection, a fixed rate of 1,000 1 KiB round trips a second (rate), and new
+// connections to a first byte, sequential and with 8 clients. It also records the nodes' RSS
+// and their CPU time per GB moved, per connection and per 1,000 rps, and, with --profile-dir,
+// CPU profiles of both nodes during an extra 1-stream throughput run.
+//
+// The fixed-rate workload (rate) uses fortio's fixed-rate engine (fortio.org/fortio/periodic):
+// 1,000 calls a second from 8 threads, each with a long-lived connection to the echo, one call
+// being a 1,024-byte write and its echo, for 5 s (quick) or 15 s in every round on the direct
+// and ztgo paths. It reports the achieved rate, fortio's p50/p90/p99, the latency ztgo adds at
+// p90 and p99 (against ztunnel's ~0.17/0.20 ms), and both nodes' CPU (utime+stime) over the run
+// per 1,000 rps against the 0.05 vCPU target.
 //
 // Idle connections (idle) run once, through ztgo only (memory per proxied connection has no
 // direct counterpart), before the rounds: 10,000 connections (quick: 2,000), each with one
@@ -37,9 +52,18 @@
 // process's open files against its limit before opening; should a process run out anyway,
 // the workload fails with each one's open files and limit.
 //
+// The slow reader (slow) runs once, after idle and before the rounds: a flood server writes as
+// fast as it can to a client that reads 1 KiB a second, for 10 s (quick) or 30 s, through ztgo
+// and, at the same time, directly. Every 500 ms the bench samples the bytes each server wrote
+// and the nodes' heap in use and RSS; it reads each node's live heap (after forced GCs) before
+// and at the end. The flow is bounded when the server stalled (it wrote no more in the second
+// half than the client read, give or take a few window openings) and no node's live heap grew
+// by more than one HTTP/2 stream window plus one largest frame (stages/hbone's settings).
+//
 // Performance targets are ratios measured side by side on the same machine in the same run
 // (shared/spec/performance.md); the table marks each as met or missed. Every wait is bounded;
-// the nodes are always stopped with SIGTERM, and any failure exits nonzero.
+// the nodes and the peers' processes are always stopped with SIGTERM, and any failure exits
+// nonzero.
 package main
 
 import (
@@ -70,19 +94,21 @@ type plan struct {
 	conn8Dur time.Duration // 8-client connection run
 	idleN    int           // idle connections
 	idleMax  time.Duration // bound of the idle-connection workload
-	// limit is the watchdog for the whole run, above the planned time (quick ~65 s, full
-	// ~5 min, +11 s with --profile-dir, + the stunnel pair's throughput windows: ~20 s quick,
-	// ~2 min full) so that only a hang or a badly slowed machine hits it.
+	rateDur  time.Duration // fixed-rate run, per path and round
+	slowDur  time.Duration // slow-reader run, once
+	// limit is the watchdog for the whole run, above the planned time (quick ~2 m 30 s, full
+	// ~14 min, +11 s with --profile-dir; Istio's pair is built before it starts) so that only
+	// a hang or a badly slowed machine hits it.
 	limit time.Duration
 }
 
 var (
 	quickPlan = plan{name: "quick", rounds: 3, tpDur: 2 * time.Second, tpWarm: 100 * time.Millisecond,
 		rttCount: 2000, connDur: 2 * time.Second, conn8Dur: 500 * time.Millisecond,
-		idleN: 2000, idleMax: 30 * time.Second, limit: 150 * time.Second}
+		idleN: 2000, idleMax: 30 * time.Second, rateDur: 5 * time.Second, slowDur: 10 * time.Second, limit: 5 * time.Minute}
 	fullPlan = plan{name: "full", rounds: 7, tpDur: 5 * time.Second, tpWarm: 100 * time.Millisecond,
 		rttCount: 10000, connDur: 1500 * time.Millisecond, conn8Dur: time.Second,
-		idleN: 10000, idleMax: time.Minute, limit: 9 * time.Minute}
+		idleN: 10000, idleMax: time.Minute, rateDur: 15 * time.Second, slowDur: 30 * time.Second, limit: 20 * time.Minute}
 )
 
 const (
@@ -104,7 +130,8 @@ func run() int {
 		out        = flag.String("out", "", "also write the markdown report to this file")
 		profileDir = flag.String("profile-dir", "", "write CPU profiles of both nodes here, taken during two extra runs through ztgo: 1-stream throughput (throughput-node-{a,b}.pprof) and new connections from 8 clients (connrate-node-{a,b}.pprof), unless only idle runs; and heap profiles while the idle connections are open (idle-heap-node-{a,b}.pprof)")
 		keep       = flag.Bool("keep", false, "keep the temp dir (mesh, CA, node logs)")
-		only       = flag.String("only", "", "run only these workloads, comma-separated: tp1, tp1r, tp8, rtt1, rtt1k, conn, conn8, idle (default: all)")
+		istioBin   = flag.String("istiohbone", "", "istiohbone binary for Istio's Go HBONE pair (default: build ./perf/cmd/istiohbone into a temp dir, from the module root)")
+		only       = flag.String("only", "", "run only these workloads, comma-separated: "+strings.Join(workloadNames, ", ")+" (default: all)")
 	)
 	flag.Parse()
 	if flag.NArg() > 0 {
@@ -128,10 +155,39 @@ func run() int {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
+	quietFortio()
+
+	b := &bench{pl: pl, bin: *bin, profileDir: *profileDir, keep: *keep, only: sel, res: newResults(), cuts: map[string]int64{}}
+	// Istio's Go HBONE pair: built before the watchdog starts (a cold build takes a while).
+	if b.needsIstio() {
+		if *istioBin != "" {
+			var err error
+			if b.istioBin, err = filepath.Abs(*istioBin); err == nil {
+				_, err = os.Stat(b.istioBin)
+			}
+			if err != nil {
+				fmt.Fprintf(os.Stderr, "meshbench: --istiohbone: %v\n", err)
+				return 1
+			}
+		} else {
+			bdir, err := os.MkdirTemp("", "meshbench-istiohbone-")
+			if err != nil {
+				fmt.Fprintf(os.Stderr, "meshbench: %v\n", err)
+				return 1
+			}
+			defer os.RemoveAll(bdir)
+			t0 := time.Now()
+			if b.istioBin, err = buildIstioHBONE(ctx, bdir); err != nil {
+				b.istioSkip = err.Error()
+				logf("%v", err)
+			} else {
+				logf("built istiohbone in %s", time.Since(t0).Round(100*time.Millisecond))
+			}
+		}
+	}
 	ctx, cancel := context.WithTimeoutCause(ctx, pl.limit, fmt.Errorf("meshbench watchdog: run exceeded %s", pl.limit))
 	defer cancel()
-
-	b := &bench{pl: pl, bin: *bin, profileDir: *profileDir, keep: *keep, only: sel, res: newResults(), began: time.Now()}
+	b.began = time.Now()
 	text, err := b.run(ctx)
 	if text != "" {
 		fmt.Print(text)
@@ -161,6 +217,8 @@ type bench struct {
 	only       map[string]bool // workloads to run; empty: all
 	res        *results
 	began      time.Time
+	// istioBin is the istiohbone binary (built or given); istioSkip says why there is none.
+	istioBin, istioSkip string
 
 	srv     *servers
 	idleSrv *idleEcho // the idle echo process, when idle runs
@@ -168,22 +226,24 @@ type bench struct {
 	started nodeSet   // every node started, for their logs
 	direct  path
 	ztgo    path
-	// stunnel is the stunnel mTLS pair (performance.md's peer) for the throughput workloads;
-	// stunnelSkip says why it does not run, when it does not.
-	stunnel     path
-	st          *stunnelPair
-	stunnelSkip string
-	notes       []string
-	problems    []string
+	// peers are performance.md's peers that run (the stunnel pair, Istio's Go HBONE pair), in
+	// the order their runs follow ztgo's in each round; peerSkips say why one does not run.
+	peers     []*peer
+	peerSkips []string
+	// cuts counts, by path, the source connections whose last write the source abandoned
+	// (sourceStopGrace after the client's FIN).
+	cuts     map[string]int64
+	notes    []string
+	problems []string
 }
 
 // workloadNames are the workloads --only selects from.
-var workloadNames = []string{"tp1", "tp1r", "tp8", "rtt1", "rtt1k", "conn", "conn8", "idle"}
+var workloadNames = []string{"tp1", "tp1r", "tp8", "rtt1", "rtt1k", "rate", "conn", "conn8", "idle", "slow"}
 
 // rounded reports whether any workload that runs in rounds is selected.
 func (b *bench) rounded() bool {
 	for _, w := range workloadNames {
-		if w != "idle" && b.runs(w) {
+		if w != "idle" && w != "slow" && b.runs(w) {
 			return true
 		}
 	}
@@ -274,9 +334,17 @@ func (b *bench) run(ctx context.Context) (text string, err error) {
 			return "", err
 		}
 	}
+	defer b.stopPeers()
 	if b.runs("tp1") || b.runs("tp1r") || b.runs("tp8") {
-		defer func() { b.st.stop() }()
-		b.startStunnel(ctx, dir)
+		b.startPeer(ctx, "stunnel pair", func() (*peer, error) { return startStunnel(ctx, dir) })
+	}
+	if b.needsIstio() {
+		b.startPeer(ctx, "Istio's Go HBONE pair", func() (*peer, error) {
+			if b.istioBin == "" {
+				return nil, errors.New(b.istioSkip)
+			}
+			return startIstio(ctx, dir, b.istioBin)
+		})
 	}
 	if err := b.srv.echo.waitIdle(drainLimit); err != nil {
 		return "", err
@@ -287,6 +355,13 @@ func (b *bench) run(ctx context.Context) (text string, err error) {
 		// OS cannot absorb the connections' memory and hide it from the RSS.
 		if err := b.idle(ctx); err != nil {
 			return "", fmt.Errorf("idle connections: %w", err)
+		}
+	}
+	if b.runs("slow") {
+		// Once, before the rounds: the nodes' buffer pools have not been filled by the
+		// throughput workloads yet, so the heap shows what the slow flow makes them allocate.
+		if err := b.slow(ctx); err != nil {
+			return "", fmt.Errorf("slow reader: %w", err)
 		}
 	}
 	for r := range b.pl.rounds {
@@ -308,10 +383,13 @@ func (b *bench) run(ctx context.Context) (text string, err error) {
 	if err := b.nodes.alive(); err != nil {
 		return "", err
 	}
-	if err := b.st.alive(); err != nil {
+	if err := b.peersAlive(); err != nil {
 		return "", err
 	}
-	b.st.stop()
+	for _, p := range b.peers {
+		b.notes = append(b.notes, p.logNotes()...) // before stop: the logs are theirs
+	}
+	b.stopPeers()
 	// Stop now, so a bad exit is part of the report.
 	if err := b.stopNodes(); err != nil {
 		b.problems = append(b.problems, err.Error())
@@ -320,9 +398,16 @@ func (b *bench) run(ctx context.Context) (text string, err error) {
 	if b.idleSrv != nil {
 		b.problems = append(b.problems, b.idleSrv.errors()...)
 	}
+	for _, name := range allPaths {
+		if n := b.cuts[name]; n > 0 {
+			b.notes = append(b.notes, fmt.Sprintf("Server → client throughput, %s path: on %d connection(s) the source's last write "+
+				"was still blocked %s after the client's FIN and was abandoned (the path stopped carrying the response at the FIN).",
+				name, n, sourceStopGrace))
+		}
+	}
 	b.notes = append(b.notes, b.nodeLogNotes()...)
 	m.loadEnd = loadAvg()
-	text = report(b.pl, m, b.res, b.began, time.Since(b.began), b.stunnelSkip, b.notes, b.problems)
+	text = report(b.pl, m, b.res, b.began, time.Since(b.began), b.peerSkips, b.notes, b.problems)
 	if len(b.problems) > 0 {
 		return text, fmt.Errorf("%d problems: %s", len(b.problems), strings.Join(b.problems, "; "))
 	}
@@ -434,6 +519,30 @@ func (b *bench) idle(ctx context.Context) error {
 	return nil
 }
 
+// slow runs the slow-reader workload, direct and through ztgo at once, and records it.
+func (b *bench) slow(ctx context.Context) error {
+	run, err := slowReaders(ctx, []path{b.direct, b.ztgo}, []*server{b.srv.slowDirect, b.srv.slowZtgo}, b.pl.slowDur, b.nodes)
+	if err != nil {
+		return err
+	}
+	if err := b.nodes.alive(); err != nil {
+		return err
+	}
+	b.res.slow = &run
+	sum := run.summarize()
+	for i, name := range run.paths {
+		logf("slow %-6s server wrote %.2f MiB in %s (%.1f KiB in the second half, within %d KiB of its end from %s); client read %d B, then drained %.2f MiB",
+			name, float64(sum.written[i])/(1<<20), run.duration.Round(100*time.Millisecond), float64(sum.secondHalf[i])/1024,
+			slowStallSlack>>10, sum.stalledBy[i].Round(100*time.Millisecond), run.read[i], float64(run.drained[i])/(1<<20))
+	}
+	for i, n := range b.nodes {
+		logf("slow %s: live heap %.2f -> %.2f MiB (growth %.2f MiB, bound %.0f MiB); heap in use without GC %.2f MiB before, largest growth %.2f MiB; RSS largest growth %.2f MiB",
+			n.Name, run.live0[i]/(1<<20), run.live1[i]/(1<<20), sum.liveGrowth[i]/(1<<20), float64(slowBound)/(1<<20),
+			run.heap0[i]/(1<<20), sum.heapGrowth[i]/(1<<20), float64(sum.rssGrowth[i])/(1<<20))
+	}
+	return nil
+}
+
 // goroutineList renders each node's goroutines after the idle connections closed, against
 // their number before.
 func (b *bench) goroutineList(after []float64, before []goMem) string {
@@ -461,23 +570,23 @@ func (b *bench) round(ctx context.Context, r int) error {
 		if !b.runs(w.key) {
 			continue
 		}
-		paths := []path{b.direct, b.ztgo}
-		if b.st != nil {
-			paths = append(paths, b.stunnel)
-		}
-		for _, p := range paths {
+		for _, p := range b.paths(false) {
 			var ns nodeSet
 			if p.name == "ztgo" {
 				ns = b.nodes
 			}
+			cut0 := w.srv.cut.Load()
 			s, err := throughput(ctx, b.pl, p, w.reverse, w.streams, w.srv, ns, nil)
 			if err != nil {
 				return fmt.Errorf("%s %s %s: %w", tag, w.key, p.name, err)
 			}
+			if n := w.srv.cut.Load() - cut0; n > 0 {
+				b.cuts[p.name] += n
+			}
 			if err := b.nodes.alive(); err != nil {
 				return err
 			}
-			if err := b.st.alive(); err != nil {
+			if err := b.peersAlive(); err != nil {
 				return err
 			}
 			b.res.add(w.key, p.name, s.gbps)
@@ -508,7 +617,7 @@ func (b *bench) round(ctx context.Context, r int) error {
 		if !b.runs(w.key) {
 			continue
 		}
-		for _, p := range []path{b.direct, b.ztgo} {
+		for _, p := range b.paths(true) {
 			d, err := roundTrips(ctx, p, w.size, b.pl.rttCount, b.srv.echo)
 			if err != nil {
 				return fmt.Errorf("%s %s: %w", tag, w.key, err)
@@ -516,10 +625,47 @@ func (b *bench) round(ctx context.Context, r int) error {
 			if err := b.nodes.alive(); err != nil {
 				return err
 			}
+			if err := b.peersAlive(); err != nil {
+				return err
+			}
 			p50, p99 := percentile(d, 50), percentile(d, 99)
 			b.res.add(w.key+".p50", p.name, p50)
 			b.res.add(w.key+".p99", p.name, p99)
 			logf("%s %-5s %-6s p50 %7.1f µs, p99 %7.1f µs (%d round trips)", tag, w.key, p.name, p50, p99, len(d))
+		}
+	}
+	if b.runs("rate") {
+		for _, p := range []path{b.direct, b.ztgo} {
+			// The nodes' CPU is sampled on the direct run too: their cost with no traffic.
+			s, err := fixedRate(ctx, p, b.pl.rateDur, b.srv.echo, b.nodes)
+			if err != nil {
+				return fmt.Errorf("%s rate %s: %w", tag, p.name, err)
+			}
+			if err := b.nodes.alive(); err != nil {
+				return err
+			}
+			b.res.add("rate.qps", p.name, s.qps)
+			b.res.add("rate.p50", p.name, s.p50)
+			b.res.add("rate.p90", p.name, s.p90)
+			b.res.add("rate.p99", p.name, s.p99)
+			extra := ""
+			if p.name == "direct" && len(s.cpu) == 2 && s.secs > 0 {
+				b.res.add("util.rate.a", p.name, s.cpu[0]/s.secs)
+				b.res.add("util.rate.b", p.name, s.cpu[1]/s.secs)
+				extra = fmt.Sprintf(", ztgo nodes (no traffic) %.3f + %.3f vCPU", s.cpu[0]/s.secs, s.cpu[1]/s.secs)
+			}
+			if p.name == "ztgo" && len(s.cpu) == 2 && s.qps > 0 && s.secs > 0 {
+				b.res.add("util.rate.a", p.name, s.cpu[0]/s.secs)
+				b.res.add("util.rate.b", p.name, s.cpu[1]/s.secs)
+				// vCPU per 1,000 calls/s: CPU seconds per second of the run, per thousand calls/s.
+				per := func(c float64) float64 { return c / s.secs / (s.qps / 1000) }
+				b.res.add("cpu.rate.a", p.name, per(s.cpu[0]))
+				b.res.add("cpu.rate.b", p.name, per(s.cpu[1]))
+				b.res.add("cpu.rate", p.name, per(s.cpu[0]+s.cpu[1]))
+				extra = fmt.Sprintf(", ztgo CPU %.3f + %.3f s: %.4f + %.4f vCPU per 1,000 rps", s.cpu[0], s.cpu[1], per(s.cpu[0]), per(s.cpu[1]))
+			}
+			logf("%s rate  %-6s %7.1f calls/s (%d in %.2fs), p50 %6.1f µs, p90 %6.1f µs, p99 %7.1f µs%s", tag, p.name,
+				s.qps, s.calls, s.secs, s.p50, s.p90, s.p99, extra)
 		}
 	}
 	for _, w := range []struct {
@@ -676,23 +822,60 @@ func describeMachine(ctx context.Context, bin string) (machine, error) {
 	return m, nil
 }
 
-// startStunnel starts the stunnel pair and checks its path; when stunnel is missing or does
-// not work, the stunnel runs are skipped (b.stunnelSkip says why) and the run goes on.
-func (b *bench) startStunnel(ctx context.Context, dir string) {
-	st, err := startStunnel(ctx, dir)
+// startPeer starts a peer with start and checks its path; when the peer is missing or does not
+// work, its runs are skipped (a line in b.peerSkips says why) and the run goes on.
+func (b *bench) startPeer(ctx context.Context, label string, start func() (*peer, error)) {
+	p, err := start()
 	if err == nil {
-		b.st = st
-		b.stunnel = stunnelPath()
-		if err = checkPath(ctx, b.stunnel); err != nil {
-			err = fmt.Errorf("%w; client log: %s; server log: %s", err, tailFile(st.logs[1]), tailFile(st.logs[0]))
-			st.stop()
-			b.st = nil
+		if err = checkPath(ctx, p.path); err != nil {
+			err = fmt.Errorf("%w; %s", err, p.logs())
+			p.stop()
 		}
 	}
 	if err != nil {
-		b.stunnelSkip = fmt.Sprintf("stunnel pair: SKIPPED, %v", err)
-		logf("%s", b.stunnelSkip)
+		skip := fmt.Sprintf("%s: SKIPPED, %v", label, err)
+		b.peerSkips = append(b.peerSkips, skip)
+		logf("%s", skip)
 		return
 	}
-	logf("stunnel pair ready (%s): client %s, server %s, TLS 1.3 with client certificates", st.bin, stunnelClientIP, stunnelServerIP)
+	b.peers = append(b.peers, p)
+	logf("%s ready (%s): %s", label, p.bin, p.pids())
+}
+
+// needsIstio reports whether a selected workload runs Istio's Go HBONE pair.
+func (b *bench) needsIstio() bool {
+	for _, w := range []string{"tp1", "tp1r", "tp8", "rtt1", "rtt1k"} {
+		if b.runs(w) {
+			return true
+		}
+	}
+	return false
+}
+
+// paths are the paths of one workload in the order of a round: direct, ztgo, then each peer
+// that runs (for the round trips, those that run them).
+func (b *bench) paths(rtt bool) []path {
+	ps := []path{b.direct, b.ztgo}
+	for _, p := range b.peers {
+		if !rtt || p.rtt {
+			ps = append(ps, p.path)
+		}
+	}
+	return ps
+}
+
+func (b *bench) peersAlive() error {
+	for _, p := range b.peers {
+		if err := p.alive(); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// stopPeers stops every peer's processes; safe to call twice.
+func (b *bench) stopPeers() {
+	for _, p := range b.peers {
+		p.stop()
+	}
 }

@@ -27,6 +27,9 @@ const (
 	echoPort   = 17003 // echoes (round trip latency)
 	firstPort  = 17004 // writes one byte and closes (connection rate)
 	idlePort   = 17005 // echoes with a small buffer until EOF (idle connections)
+	// Flood servers of the slow-reader workload, one per path: each writes as fast as it can.
+	slowDirectPort = 17006
+	slowZtgoPort   = 17007
 
 	meshFile = "mesh.yaml"
 )

@@ -162,26 +162,45 @@ func (n *ztgoNode) heapProfile(ctx context.Context, path string) error {
 }
 
 func (n *ztgoNode) fetchProfile(ctx context.Context, url string, timeout time.Duration, path string) error {
+	body, err := n.fetch(ctx, url, timeout)
+	if err != nil {
+		return fmt.Errorf("%s profile: %w", n.Name, err)
+	}
+	return os.WriteFile(path, body, 0o644)
+}
+
+// forceGC makes the node run a garbage collection, through its heap profile endpoint (gc=1),
+// so that the Go heap in use it reports next is its live heap.
+func (n *ztgoNode) forceGC(ctx context.Context) error {
+	if _, err := n.fetch(ctx, n.AdminURL()+"/debug/pprof/heap?gc=1", 15*time.Second); err != nil {
+		return fmt.Errorf("%s GC: %w", n.Name, err)
+	}
+	return nil
+}
+
+// fetch GETs url from the node's admin endpoint within timeout and returns the body (at most
+// 64 MiB) of a 200 answer.
+func (n *ztgoNode) fetch(ctx context.Context, url string, timeout time.Duration) ([]byte, error) {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	c := &http.Client{Transport: &http.Transport{Proxy: nil, DisableKeepAlives: true}}
 	resp, err := c.Do(req)
 	if err != nil {
-		return fmt.Errorf("%s profile: %w", n.Name, err)
+		return nil, err
 	}
 	defer resp.Body.Close()
 	body, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
 	if err != nil {
-		return fmt.Errorf("%s profile: %w", n.Name, err)
+		return nil, err
 	}
 	if resp.StatusCode != http.StatusOK {
-		return fmt.Errorf("%s profile: %s: %s", n.Name, resp.Status, strings.TrimSpace(string(body)))
+		return nil, fmt.Errorf("%s: %s", resp.Status, strings.TrimSpace(string(body)))
 	}
-	return os.WriteFile(path, body, 0o644)
+	return body, nil
 }
 
 // goMem is what a node's /metrics says about its Go runtime.
@@ -349,6 +368,25 @@ func (ns nodeSet) settledRSS(ctx context.Context) (rss []int64, waited time.Dura
 		}
 		prev = cur
 	}
+}
+
+// liveHeap forces two GCs in each node (the first moves sync.Pool contents to the pools'
+// victim caches, the second frees them) and then reads its Go heap in use: its live heap.
+func (ns nodeSet) liveHeap(ctx context.Context) ([]float64, error) {
+	out := make([]float64, len(ns))
+	for i, n := range ns {
+		for range 2 {
+			if err := n.forceGC(ctx); err != nil {
+				return nil, err
+			}
+		}
+		m, err := n.goMem(ctx)
+		if err != nil {
+			return nil, err
+		}
+		out[i] = m.heapInuse
+	}
+	return out, nil
 }
 
 // goMem scrapes each node's /metrics.

@@ -31,6 +31,7 @@ type server struct {
 	active   atomic.Int64 // connections open
 	accepted atomic.Int64
 	errs     atomic.Int64 // connections that ended with an unexpected error
+	cut      atomic.Int64 // source connections whose last write was abandoned (sourceWith)
 	lastErr  atomic.Value // string
 	wg       sync.WaitGroup
 	serve    func(s *server, c *net.TCPConn)
@@ -104,21 +105,33 @@ func serveSink(s *server, c *net.TCPConn) {
 	}
 }
 
+// sourceStopGrace bounds a source's write in progress once the client has signalled stop. The
+// client drains what is on its way, so the write ends at once, unless the path stopped carrying
+// the response at the client's FIN: Istio's Go HBONE dialer cannot half-close, so its stream is
+// reset, and Istio's server then neither reads nor closes the upstream connection.
+const sourceStopGrace = 2 * time.Second
+
 // serveSource writes chunks until the client half-closes (or sends anything), then closes.
-func serveSource(s *server, c *net.TCPConn) {
+func serveSource(s *server, c *net.TCPConn) { sourceWith(s, c, make([]byte, chunk)) }
+
+// sourceWith writes buf until the client half-closes (or sends anything), then closes. A write
+// still blocked sourceStopGrace after that is abandoned and counted in s.cut.
+func sourceWith(s *server, c *net.TCPConn, buf []byte) {
 	var stop atomic.Bool
 	go func() {
 		var b [1]byte
 		c.Read(b[:]) // EOF, a byte or an error: stop writing
 		stop.Store(true)
+		c.SetWriteDeadline(time.Now().Add(sourceStopGrace))
 	}()
-	buf := make([]byte, chunk)
 	for !stop.Load() {
 		n, err := c.Write(buf)
 		s.bytes.Add(int64(n))
 		if err != nil {
 			if !stop.Load() {
 				s.fail(err)
+			} else if errors.Is(err, os.ErrDeadlineExceeded) {
+				s.cut.Add(1)
 			}
 			return
 		}
@@ -161,9 +174,11 @@ func serveFirstByte(s *server, c *net.TCPConn) {
 	}
 }
 
-// servers are the bench's four in-process servers.
+// servers are the bench's in-process servers.
 type servers struct {
 	sink, source, echo, first *server
+	// slowDirect and slowZtgo are the slow-reader workload's flood servers, one per path.
+	slowDirect, slowZtgo *server
 }
 
 func startServers() (*servers, error) {
@@ -184,12 +199,20 @@ func startServers() (*servers, error) {
 		ss.close()
 		return nil, err
 	}
+	if ss.slowDirect, err = startServer("flood-direct", slowDirectPort, serveFlood); err != nil {
+		ss.close()
+		return nil, err
+	}
+	if ss.slowZtgo, err = startServer("flood-ztgo", slowZtgoPort, serveFlood); err != nil {
+		ss.close()
+		return nil, err
+	}
 	return &ss, nil
 }
 
 func (ss *servers) all() []*server {
 	var out []*server
-	for _, s := range []*server{ss.sink, ss.source, ss.echo, ss.first} {
+	for _, s := range []*server{ss.sink, ss.source, ss.echo, ss.first, ss.slowDirect, ss.slowZtgo} {
 		if s != nil {
 			out = append(out, s)
 		}
