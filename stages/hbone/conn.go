@@ -473,8 +473,9 @@ func (c *Conn) OpenReserved(ctx context.Context, req *Request) (*Stream, *Respon
 		c.shutdown(fmt.Errorf("write CONNECT: %w", err), http2.ErrCodeInternal)
 		return nil, nil, fmt.Errorf("write CONNECT: %w", err)
 	}
-	s.req = *req
-	s.req.Method = method
+	// Only what identifies the stream is kept: the headers (Forwarded, baggage, traceparent)
+	// would otherwise live as long as the tunnel.
+	s.req = Request{Method: method, Authority: req.Authority}
 
 	select {
 	case resp := <-s.respCh:

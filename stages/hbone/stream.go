@@ -80,7 +80,8 @@ func (s *Stream) ID() uint32 { return s.id }
 // Conn is the connection carrying the stream.
 func (s *Stream) Conn() *Conn { return s.c }
 
-// Request is the CONNECT request: received (server side) or sent (client side).
+// Request is the CONNECT request: received (server side), or its method and authority as sent
+// (client side).
 func (s *Stream) Request() *Request { return &s.req }
 
 // receive appends data from a DATA frame (read loop). length counts padding too. It returns a
