@@ -305,7 +305,8 @@ func (h *Handlers) hbone(ctx context.Context, f *Flow) Verdict {
 		return f.Fail(Classify(err), fmt.Errorf("CONNECT %s via %s: %w", req.Authority, f.Route.Dial, err))
 	}
 	if b := resp.Get(hbone.HeaderBaggage); b != "" {
-		f.Baggage = hbone.ParseBaggage(b)
+		bg := hbone.ParseBaggage(b)
+		f.Baggage = &bg
 	}
 	f.Up = s
 	return Next

@@ -183,14 +183,16 @@ type Flow struct {
 	UpAddr    netip.AddrPort
 	HBONEAddr netip.AddrPort
 
-	// Request carries the CONNECT metadata (inbound) or what to send (outbound).
+	// TraceParent is the CONNECT's traceparent (inbound) or the one sent (outbound); Baggage
+	// the peer's baggage header (the CONNECT's inbound, the response's outbound), nil when it
+	// sent none.
 	TraceParent string
-	Baggage     hbone.Baggage
+	Baggage     *hbone.Baggage
 
 	Failure Failure
 	Err     error
 
-	Trace trace.Record
+	Trace trace.Timeline
 
 	plan        [numStages]ID
 	nplan, step int

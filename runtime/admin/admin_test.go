@@ -21,7 +21,7 @@ func start(t *testing.T, quit func()) (*Server, *Readiness, *slog.LevelVar) {
 	reg.MustRegister(c)
 	c.Inc()
 	rec, _ := trace.NewRecorder(8, nil)
-	r := &trace.Record{ID: 7, Direction: "outbound", Begin: time.Now()}
+	r := &trace.Record{Timeline: trace.Timeline{ID: 7, Direction: "outbound", Begin: time.Now()}}
 	r.Enter("identity", r.Begin)
 	r.StartStage(r.Begin)
 	r.Leave(r.Begin.Add(time.Millisecond))

@@ -53,8 +53,7 @@ func newFakeNode(t *testing.T) *fakeNode {
 // flow finishes a flow through the given stages, each working for d.
 func (n *fakeNode) flow(id uint64, dir, outcome string, d time.Duration, stages ...string) {
 	t0 := time.Now().Add(-time.Duration(len(stages)) * d)
-	r := &trace.Record{ID: id, Direction: dir, Begin: t0, Outcome: outcome,
-		SrcIdentity: "spiffe://cluster.local/ns/default/sa/client", DstIdentity: "spiffe://cluster.local/ns/default/sa/echo"}
+	r := &trace.Record{Timeline: trace.Timeline{ID: id, Direction: dir, Begin: t0, Outcome: outcome}, SrcIdentity: "spiffe://cluster.local/ns/default/sa/client", DstIdentity: "spiffe://cluster.local/ns/default/sa/echo"}
 	at := t0
 	for _, st := range stages {
 		r.Enter(st, at)

@@ -794,7 +794,10 @@ func (n *Node) inboundStream(s *hbone.Stream, local, remote netip.AddrPort, peer
 	f.Src, f.Local, f.SrcIdentity = remote, local, peer
 	req := s.Request()
 	f.TraceParent = req.Get(hbone.HeaderTraceParent)
-	f.Baggage = hbone.ParseBaggage(req.Get(hbone.HeaderBaggage))
+	if b := req.Get(hbone.HeaderBaggage); b != "" {
+		bg := hbone.ParseBaggage(b)
+		f.Baggage = &bg
+	}
 	if w := snap.WorkloadByAddr(n.cfg.Network, remote.Addr()); w != nil && w.Identity() == peer {
 		f.SrcWorkload = w
 	}
@@ -845,13 +848,9 @@ func (n *Node) established(f *stages.Flow) {
 			return
 		}
 	}
-	n.fillTrace(f)
 	// The stage trace is complete once the flow is established: record it now, so the live
 	// view and the stage histograms do not wait for long-lived connections to close.
-	n.rec.Finish(&f.Trace)
-	// The recorder keeps its own copy; the access log at the end reads the flow's fields, not
-	// these strings, so a long-lived flow need not hold them.
-	f.Trace.Src, f.Trace.Dst, f.Trace.SrcIdentity, f.Trace.DstIdentity, f.Trace.TraceParent = "", "", "", "", ""
+	n.record(f)
 	n.tel.Opened(f)
 	rf := n.relay.Start(f.Down, f.Up, &f.BytesSent, &f.BytesRecv, func() {
 		f.FirstByte = time.Since(f.Trace.Established)
@@ -893,8 +892,7 @@ func (n *Node) failed(f *stages.Flow) {
 		f.Up.Close()
 	}
 	n.tracker.Remove(f.ID)
-	n.fillTrace(f)
-	n.rec.Finish(&f.Trace)
+	n.record(f)
 	n.tel.Failed(f)
 }
 
@@ -911,12 +909,17 @@ func socksReply(kind stages.Failure) byte {
 	}
 }
 
-func (n *Node) fillTrace(f *stages.Flow) {
-	f.Trace.Src = f.Src.String()
-	f.Trace.Dst = f.Dst.String()
-	f.Trace.SrcIdentity = f.SrcIdentity.String()
-	f.Trace.DstIdentity = f.DstIdentity.String()
-	f.Trace.TraceParent = f.TraceParent
+// record hands f's stage timeline and endpoints to the recorder, which keeps its own copy.
+func (n *Node) record(f *stages.Flow) {
+	rec := trace.Record{
+		Timeline:    f.Trace,
+		Src:         f.Src.String(),
+		Dst:         f.Dst.String(),
+		SrcIdentity: f.SrcIdentity.String(),
+		DstIdentity: f.DstIdentity.String(),
+		TraceParent: f.TraceParent,
+	}
+	n.rec.Finish(&rec)
 }
 
 // Stop drains the node: listeners close, HBONE connections get GOAWAY, flows get DrainTimeout

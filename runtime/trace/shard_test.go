@@ -113,8 +113,7 @@ func genFlow(rng *rand.Rand, id uint64) *Record { return genFlowOf(rng, id, rng.
 // genFlowOf is genFlow, all coarse (whole milliseconds, no wait) if coarse is set.
 func genFlowOf(rng *rand.Rand, id uint64, coarse bool) *Record {
 	t0 := time.Unix(5000, 0)
-	rec := &Record{ID: id, Direction: genDirs[rng.IntN(len(genDirs))], Begin: t0, Outcome: "established",
-		Src: fmt.Sprint("10.0.0.", id%250)}
+	rec := &Record{Timeline: Timeline{ID: id, Direction: genDirs[rng.IntN(len(genDirs))], Begin: t0, Outcome: "established"}, Src: fmt.Sprint("10.0.0.", id%250)}
 	at := t0
 	var stages []string
 	for _, st := range genStages {
@@ -558,7 +557,7 @@ func TestWindowPipelineOrder(t *testing.T) {
 	onShards(t, r, 1, 0, 1, 0)
 	through := func(id uint64, stages ...string) {
 		t0 := time.Unix(5000, 0)
-		rec := &Record{ID: id, Direction: "outbound", Begin: t0, Outcome: "established"}
+		rec := &Record{Timeline: Timeline{ID: id, Direction: "outbound", Begin: t0, Outcome: "established"}}
 		for _, st := range stages {
 			rec.Enter(st, t0)
 			rec.StartStage(t0)

@@ -61,7 +61,7 @@ import (
 )
 
 // MaxSpans bounds the stages one record holds.
-const MaxSpans = 8
+const MaxSpans = 6
 
 // Span is one stage of one flow.
 type Span struct {
@@ -78,12 +78,19 @@ func (s Span) Work() time.Duration { return s.End.Sub(s.Start) }
 // Record is the trace of one flow. It is written by one goroutine at a time (the flow moves
 // from stage to stage), so it needs no lock.
 type Record struct {
-	ID          uint64
-	Direction   string
+	Timeline
 	Src, Dst    string
 	SrcIdentity string
 	DstIdentity string
 	TraceParent string
+}
+
+// Timeline is the part of a Record a flow carries while it lives: when it entered and left
+// each stage. The endpoints are added once, when the flow is recorded (Record), so that a
+// long-lived flow does not hold them twice.
+type Timeline struct {
+	ID          uint64
+	Direction   string
 	Begin       time.Time
 	Established time.Time
 	Outcome     string
@@ -99,7 +106,7 @@ type span struct {
 }
 
 // at is t as stored in a span.
-func (r *Record) at(t time.Time) int64 {
+func (r *Timeline) at(t time.Time) int64 {
 	if r.Begin.IsZero() {
 		r.Begin = t
 	}
@@ -107,7 +114,7 @@ func (r *Record) at(t time.Time) int64 {
 }
 
 // time is the inverse of at.
-func (r *Record) time(v int64) time.Time {
+func (r *Timeline) time(v int64) time.Time {
 	if v == 0 {
 		return time.Time{}
 	}
@@ -115,7 +122,7 @@ func (r *Record) time(v int64) time.Time {
 }
 
 // Enter marks the flow queued for stage at t. Begin, when not set yet, becomes t.
-func (r *Record) Enter(stage string, t time.Time) {
+func (r *Timeline) Enter(stage string, t time.Time) {
 	if r.n == MaxSpans {
 		return
 	}
@@ -124,30 +131,30 @@ func (r *Record) Enter(stage string, t time.Time) {
 }
 
 // StartStage marks the current stage taken by a worker.
-func (r *Record) StartStage(t time.Time) {
+func (r *Timeline) StartStage(t time.Time) {
 	if r.n > 0 {
 		r.spans[r.n-1].start = r.at(t)
 	}
 }
 
 // Leave marks the current stage done.
-func (r *Record) Leave(t time.Time) {
+func (r *Timeline) Leave(t time.Time) {
 	if r.n > 0 {
 		r.spans[r.n-1].end = r.at(t)
 	}
 }
 
 // NumSpans is how many stages the record holds; Span(i) is the i-th, in order.
-func (r *Record) NumSpans() int { return int(r.n) }
+func (r *Timeline) NumSpans() int { return int(r.n) }
 
 // Span returns the i-th recorded stage.
-func (r *Record) Span(i int) Span {
+func (r *Timeline) Span(i int) Span {
 	s := &r.spans[i]
 	return Span{Stage: s.stage, Queued: r.time(s.queued), Start: r.time(s.start), End: r.time(s.end)}
 }
 
 // Spans returns the recorded stages in order, in a new slice.
-func (r *Record) Spans() []Span {
+func (r *Timeline) Spans() []Span {
 	out := make([]Span, r.n)
 	for i := range out {
 		out[i] = r.Span(i)
@@ -156,7 +163,7 @@ func (r *Record) Spans() []Span {
 }
 
 // Total is the time from the first stage to establishment (or to the end, if it failed).
-func (r *Record) Total() time.Duration {
+func (r *Timeline) Total() time.Duration {
 	if r.n == 0 {
 		return 0
 	}

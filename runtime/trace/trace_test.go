@@ -12,7 +12,7 @@ import (
 
 func rec(id uint64, d time.Duration) *Record {
 	t0 := time.Unix(1000, 0)
-	r := &Record{ID: id, Direction: "outbound", Begin: t0}
+	r := &Record{Timeline: Timeline{ID: id, Direction: "outbound", Begin: t0}}
 	r.Enter("identity", t0)
 	r.StartStage(t0.Add(d / 4))
 	r.Leave(t0.Add(d / 2))
@@ -68,7 +68,7 @@ func (c *clock) now() time.Time { return c.t }
 // flow returns a finished record whose only stage worked for d.
 func flow(id uint64, stage, dir string, d time.Duration, outcome string) *Record {
 	t0 := time.Unix(1000, 0)
-	r := &Record{ID: id, Direction: dir, Begin: t0, Outcome: outcome}
+	r := &Record{Timeline: Timeline{ID: id, Direction: dir, Begin: t0, Outcome: outcome}}
 	r.Enter(stage, t0)
 	r.StartStage(t0)
 	r.Leave(t0.Add(d))
@@ -269,7 +269,7 @@ func benchRecords() []*Record {
 	recs := make([]*Record, 64)
 	for i := range recs {
 		t0 := time.Now()
-		rec := &Record{ID: uint64(i), Direction: "inbound", Begin: t0, Outcome: "established"}
+		rec := &Record{Timeline: Timeline{ID: uint64(i), Direction: "inbound", Begin: t0, Outcome: "established"}}
 		for j, st := range []string{"capture", "identity", "authz", "upstream"} {
 			at := t0.Add(time.Duration(j*10+i) * time.Microsecond)
 			rec.Enter(st, at)
@@ -357,7 +357,7 @@ func BenchmarkFinishParallelAffine(b *testing.B) {
 // entered at the very instant the flow began, and unset times stay zero.
 func TestSpanTimes(t *testing.T) {
 	t0 := time.Now()
-	rec := &Record{Begin: t0}
+	rec := &Record{Timeline: Timeline{Begin: t0}}
 	rec.Enter("capture", t0)
 	rec.StartStage(t0.Add(3 * time.Microsecond))
 	rec.Leave(t0.Add(10 * time.Microsecond))
