@@ -21,8 +21,8 @@ const dialTimeout = 5 * time.Second
 // path is one way from the client workload to a server port.
 type path struct {
 	name string
-	// dial connects from clientIP to serverIP:port; for ztgo the SOCKS5 CONNECT has been
-	// answered with success when it returns.
+	// dial connects from clientIP to serverIP:port (passthroughIP:port on the passthrough
+	// path); through ztgo the SOCKS5 CONNECT has been answered with success when it returns.
 	dial func(ctx context.Context, port int) (*net.TCPConn, error)
 }
 
@@ -53,9 +53,17 @@ func directPath() path {
 	}}
 }
 
-func ztgoPath(socks string) path {
-	return path{name: "ztgo", dial: func(ctx context.Context, port int) (*net.TCPConn, error) {
-		target := hostPort(serverIP, port)
+// ztgoPath goes through node a's SOCKS5 at socks to the server workload: HBONE to node b.
+func ztgoPath(socks string) path { return socksPath("ztgo", socks, serverIP) }
+
+// passthroughPath goes through node a's SOCKS5 at socks to passthroughIP, which is not in the
+// mesh: node a connects to it in plain TCP, and node b has no part.
+func passthroughPath(socks string) path { return socksPath("passthrough", socks, passthroughIP) }
+
+// socksPath connects through the SOCKS5 server at socks to ip:port.
+func socksPath(name, socks, ip string) path {
+	return path{name: name, dial: func(ctx context.Context, port int) (*net.TCPConn, error) {
+		target := hostPort(ip, port)
 		res, err := socks5.Dial(ctx, &clientDialer, socks, target, dialTimeout)
 		if err != nil {
 			return nil, err

@@ -20,8 +20,12 @@ const (
 
 	clientIP = "127.40.1.10" // workload client (bench/client) on bench-a
 	serverIP = "127.40.2.10" // workload server (bench/server) on bench-b
+	// passthroughIP is outside the mesh: no workload or service in meshYAML has it, so node a
+	// routes a connection to it as passthrough (plain TCP from node a, no HBONE, no node b).
+	// The sink, the source and the echo also listen on it (the passthrough path).
+	passthroughIP = "127.40.5.10"
 
-	// Servers run in-process on serverIP.
+	// Servers run in-process on serverIP (and some on passthroughIP).
 	sinkPort   = 17001 // discards (client -> server throughput)
 	sourcePort = 17002 // writes until the client half-closes (server -> client throughput)
 	echoPort   = 17003 // echoes (round trip latency)
@@ -35,7 +39,8 @@ const (
 )
 
 // meshYAML is the mesh in ztunnel's LOCAL_XDS format. Both nodes load this file; --node decides
-// which workload is local. No policy: every connection is allowed.
+// which workload is local. No policy: every connection is allowed. Nothing in it may name
+// passthroughIP.
 const meshYAML = `# meshbench mesh, ztunnel's LOCAL_XDS format. Both nodes load this file.
 workloads:
 - uid: Kubernetes//v1/Pod/bench/client

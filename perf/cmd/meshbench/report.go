@@ -133,8 +133,16 @@ var rows = []row{
 	{"conn8.rate", "New connection + first byte, 8 clients", "conn/s", fmtRate, "≥ 10,000/s", func(_, z float64) bool { return z >= 10000 }, nil},
 }
 
+// passthroughVs are performance.md's targets for the passthrough path ("plaintext passthrough:
+// splice relay, ≥ 0.80x direct"), by row; check gets the direct and the passthrough medians.
+var passthroughVs = map[string]peerTarget{
+	"tp1":  {"≥ 0.80x direct", ratioAtLeast(0.80)},
+	"tp1r": {"≥ 0.80x direct", ratioAtLeast(0.80)},
+	"tp8":  {"≥ 0.80x direct", ratioAtLeast(0.80)},
+}
+
 // allPaths are every path's name, in the order of a round.
-var allPaths = []string{"direct", "ztgo", "stunnel", "istio"}
+var allPaths = []string{"direct", "ztgo", "passthrough", "stunnel", "istio"}
 
 // resRow is one line of the resources table (ztgo nodes only).
 type resRow struct {
@@ -157,6 +165,15 @@ var resRows = []resRow{
 	{"CPU used during 1-stream client → server window", "vCPU", [3]string{"util.tp1.a", "util.tp1.b", "util.tp1"}, fmtSecs, ""},
 	{"CPU per new connection, 1 client", "CPU µs/conn", [3]string{"cpu.conn.a", "cpu.conn.b", "cpu.conn"}, fmtUS, ""},
 	{"CPU per new connection, 8 clients", "CPU µs/conn", [3]string{"cpu.conn8.a", "cpu.conn8.b", "cpu.conn8"}, fmtUS, ""},
+}
+
+// passthroughResRows are the nodes' resources during the passthrough path's windows, where
+// node a relays alone and node b carries nothing.
+var passthroughResRows = []resRow{
+	{"Passthrough: CPU per GB moved, 1 stream client → server", "CPU s/GB", [3]string{"cpu.tp1.a", "cpu.tp1.b", "cpu.tp1"}, fmtSecs, ""},
+	{"Passthrough: CPU per GB moved, 1 stream server → client", "CPU s/GB", [3]string{"cpu.tp1r.a", "cpu.tp1r.b", "cpu.tp1r"}, fmtSecs, ""},
+	{"Passthrough: CPU per GB moved, 8 streams client → server", "CPU s/GB", [3]string{"cpu.tp8.a", "cpu.tp8.b", "cpu.tp8"}, fmtSecs, ""},
+	{"Passthrough: CPU used during 1-stream client → server window", "vCPU", [3]string{"util.tp1.a", "util.tp1.b", "util.tp1"}, fmtSecs, ""},
 }
 
 // Memory per idle proxied connection (performance.md): ≤ 4 KB, moonshot 2 KB. KB here is
@@ -447,7 +464,8 @@ func report(pl plan, m machine, r *results, began time.Time, elapsed time.Durati
 	p := func(format string, a ...any) { fmt.Fprintf(&b, format, a...) }
 	p("## meshbench: ztgo vs direct, %s mode\n\n", pl.name)
 	p("Run %s, %s wall time. %d rounds; in every round each workload runs on the direct path and then through ztgo "+
-		"(interleaved direct, ztgo, direct, ztgo ...); each figure is the median over the rounds of that path, "+
+		"(interleaved direct, ztgo, direct, ztgo ...), the throughput and round-trip workloads then on the passthrough path "+
+		"and each peer's too (direct, ztgo, passthrough, stunnel, istio ...); each figure is the median over the rounds of that path, "+
 		"and the ratio is ztgo / direct of the medians. Throughput: %s windows after a %s warm-up, %d KiB writes. "+
 		"Round trips: %d per size per round after %d unrecorded. Fixed rate: %s per path per round. Connections: %s with 1 client, %s with 8 clients. "+
 		"Idle connections: %s, once, through ztgo only, before the rounds. Slow reader: %s, once, before the rounds.\n\n",
@@ -457,10 +475,13 @@ func report(pl plan, m machine, r *results, began time.Time, elapsed time.Durati
 		m.cpuModel, m.cores, m.gomaxprocs, m.kernel, m.goVersion, m.ztgo, m.loadStart, m.loadEnd)
 
 	rounded := false
-	with := map[string]bool{} // peers with values
+	with := map[string]bool{} // passthrough and peers with values
 	for _, rw := range rows {
 		if len(r.values(rw.key, "direct"))+len(r.values(rw.key, "ztgo")) > 0 {
 			rounded = true
+		}
+		if len(r.values(rw.key, "passthrough")) > 0 {
+			with["passthrough"] = true
 		}
 		for _, pc := range peerCols {
 			if len(r.values(rw.key, pc.path)) > 0 {
@@ -468,16 +489,23 @@ func report(pl plan, m machine, r *results, began time.Time, elapsed time.Durati
 			}
 		}
 	}
+	if with["passthrough"] {
+		p("ztgo passthrough runs in the throughput and round-trip workloads, right after ztgo in every round (direct, ztgo, "+
+			"passthrough ...): the same client socket asks node a's SOCKS5 for %s:port, an address in no workload or service of "+
+			"the mesh, where the sink, the source and the echo also listen; node a routes it as passthrough, plain TCP from "+
+			"node a to the server (spliced), with no HBONE and no part for node b. Its ratio is passthrough / direct of the "+
+			"medians, against performance.md's \"plaintext passthrough ≥ 0.80x direct\" on the throughput rows.\n\n", passthroughIP)
+	}
 	if with["stunnel"] {
 		p("The stunnel pair (performance.md's peer) runs in the throughput workloads only, interleaved with the others "+
-			"(direct, ztgo, stunnel, direct, ztgo, stunnel ...): the client connects to a client-mode stunnel on %s, which "+
+			"(direct, ztgo, passthrough, stunnel, direct, ztgo, passthrough, stunnel ...): the client connects to a client-mode stunnel on %s, which "+
 			"speaks TLS 1.3 with a client certificate to a server stunnel on %s that verifies it against the same throwaway "+
 			"ECDSA P-256 CA (mutual TLS) and connects to the same servers; OpenSSL's default TLS 1.3 cipher suites (it picks TLS_AES_256_GCM_SHA384). "+
 			"ztgo/stunnel is the ratio of the medians.\n\n", stunnelClientIP, stunnelServerIP)
 	}
 	if with["istio"] {
 		p("Istio's Go HBONE pair (performance.md's peer, istio.io/istio/pkg/hbone) runs in the throughput and round-trip "+
-			"workloads, interleaved with the others (direct, ztgo, stunnel, istio ...): the client connects to "+
+			"workloads, interleaved with the others (direct, ztgo, passthrough, stunnel, istio ...): the client connects to "+
 			"perf/cmd/istiohbone in client mode on %s, which turns each connection into one HBONE CONNECT made with Istio's "+
 			"dialer (hbone.NewDialer: x/net/http2's Transport, so all streams share one pooled TLS 1.3 connection, with a "+
 			"client certificate) to perf/cmd/istiohbone in server mode on %s (hbone.NewServer: net/http's HTTP/2 server "+
@@ -493,6 +521,10 @@ func report(pl plan, m machine, r *results, began time.Time, elapsed time.Durati
 	if rounded {
 		p("| workload | metric | direct | ztgo | ztgo/direct | target | verdict |")
 		sep := "|---|---|---:|---:|---:|---|---|"
+		if with["passthrough"] {
+			p(" ztgo passthrough | passthrough/direct | target (passthrough) | verdict (passthrough) |")
+			sep += "---:|---:|---|---|"
+		}
 		for _, pc := range peerCols {
 			if with[pc.path] {
 				p(" %s | ztgo/%s | target vs %s | verdict vs %s |", pc.label, pc.path, pc.path, pc.path)
@@ -528,6 +560,26 @@ func report(pl plan, m machine, r *results, began time.Time, elapsed time.Durati
 			}
 		}
 		p("| %s | %s | %s | %s | %s | %s | %s |", rw.workload, rw.metric, ds, zs, ratio, target, verdict)
+		if with["passthrough"] {
+			ps, pratio, ptarget, pverdict := "—", "—", "—", "—"
+			pv, okp := r.median(rw.key, "passthrough")
+			if okp {
+				ps = rw.format(pv)
+				if okd && d > 0 {
+					pratio = fmt.Sprintf("%.2fx", pv/d)
+				}
+			}
+			if t, ok := passthroughVs[rw.key]; ok {
+				ptarget = t.target
+				if okd && okp {
+					pverdict = "missed"
+					if t.check(d, pv) {
+						pverdict = "met"
+					}
+				}
+			}
+			p(" %s | %s | %s | %s |", ps, pratio, ptarget, pverdict)
+		}
 		for _, pc := range peerCols {
 			if !with[pc.path] {
 				continue
@@ -561,28 +613,33 @@ func report(pl plan, m machine, r *results, began time.Time, elapsed time.Durati
 	p("%s", slowReport(r))
 
 	p("Resources of the two ztgo processes (/proc/<pid>/status VmRSS and VmHWM; utime+stime from /proc/<pid>/stat over each " +
-		"measured window; GB = 10^9 bytes arriving at the receiver; medians over the rounds):\n\n")
+		"measured window; GB = 10^9 bytes arriving at the receiver; medians over the rounds; rows marked passthrough are " +
+		"the passthrough path's windows, where node b carries nothing):\n\n")
 	p("| resource | unit | node a (client side) | node b (server side) | both | note |\n")
 	p("|---|---|---:|---:|---:|---|\n")
-	for _, rr := range resRows {
-		var cells [3]string
-		have := false
-		for i, k := range rr.keys {
-			cells[i] = "—"
-			if v, ok := r.median(k, "ztgo"); ok {
-				cells[i] = rr.format(v)
-				have = true
+	resLines := func(rrs []resRow, path string) {
+		for _, rr := range rrs {
+			var cells [3]string
+			have := false
+			for i, k := range rr.keys {
+				cells[i] = "—"
+				if v, ok := r.median(k, path); ok {
+					cells[i] = rr.format(v)
+					have = true
+				}
 			}
+			if !have {
+				continue
+			}
+			note := rr.target
+			if note == "" {
+				note = "—"
+			}
+			p("| %s | %s | %s | %s | %s | %s |\n", rr.what, rr.unit, cells[0], cells[1], cells[2], note)
 		}
-		if !have {
-			continue
-		}
-		note := rr.target
-		if note == "" {
-			note = "—"
-		}
-		p("| %s | %s | %s | %s | %s | %s |\n", rr.what, rr.unit, cells[0], cells[1], cells[2], note)
 	}
+	resLines(resRows, "ztgo")
+	resLines(passthroughResRows, "passthrough")
 	p("\n")
 
 	machineRows := false
@@ -616,7 +673,7 @@ func report(pl plan, m machine, r *results, began time.Time, elapsed time.Durati
 					return "—"
 				}
 				nodes := "—"
-				if path == "ztgo" {
+				if path == "ztgo" || path == "passthrough" {
 					nodes = cell("util." + k.key)
 				}
 				p("| %s | %s | %s | %s | %s | %s | %s | %s |\n", k.what, path, cell("busy."+k.key), cell("softirq."+k.key),

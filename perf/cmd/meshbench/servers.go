@@ -23,12 +23,14 @@ const serverConnLimit = 2 * time.Minute
 // chunk is the write size of the throughput workloads.
 const chunk = 256 << 10
 
-// server is one of the bench's in-process TCP servers on serverIP.
+// server is one of the bench's in-process TCP servers, on the same port of one or more
+// addresses (serverIP, and passthroughIP for the passthrough path's servers); its counters
+// cover all of them.
 type server struct {
 	name     string
-	ln       net.Listener
-	bytes    atomic.Int64 // bytes received (sink) or sent (source)
-	active   atomic.Int64 // connections open
+	lns      []net.Listener // one per address
+	bytes    atomic.Int64   // bytes received (sink) or sent (source)
+	active   atomic.Int64   // connections open
 	accepted atomic.Int64
 	errs     atomic.Int64 // connections that ended with an unexpected error
 	cut      atomic.Int64 // source connections whose last write was abandoned (sourceWith)
@@ -37,21 +39,34 @@ type server struct {
 	serve    func(s *server, c *net.TCPConn)
 }
 
-func startServer(name string, port int, serve func(s *server, c *net.TCPConn)) (*server, error) {
-	ln, err := net.Listen("tcp", hostPort(serverIP, port))
-	if err != nil {
-		return nil, fmt.Errorf("%s server: %w", name, err)
+// Addresses a server listens on.
+var (
+	meshOnly        = []string{serverIP}
+	withPassthrough = []string{serverIP, passthroughIP} // the servers of the passthrough path's workloads
+)
+
+// startServer listens on port of every address in ips and serves each connection with serve.
+func startServer(name string, ips []string, port int, serve func(s *server, c *net.TCPConn)) (*server, error) {
+	s := &server{name: name, serve: serve}
+	for _, ip := range ips {
+		ln, err := net.Listen("tcp", hostPort(ip, port))
+		if err != nil {
+			s.close()
+			return nil, fmt.Errorf("%s server: %w", name, err)
+		}
+		s.lns = append(s.lns, ln)
 	}
-	s := &server{name: name, ln: ln, serve: serve}
-	s.wg.Add(1)
-	go s.accept()
+	for _, ln := range s.lns {
+		s.wg.Add(1)
+		go s.accept(ln)
+	}
 	return s, nil
 }
 
-func (s *server) accept() {
+func (s *server) accept(ln net.Listener) {
 	defer s.wg.Done()
 	for {
-		c, err := s.ln.Accept()
+		c, err := ln.Accept()
 		if err != nil {
 			return
 		}
@@ -85,8 +100,15 @@ func (s *server) waitIdle(timeout time.Duration) error {
 	return nil
 }
 
+// stopListening closes the listeners; connections already accepted go on.
+func (s *server) stopListening() {
+	for _, ln := range s.lns {
+		ln.Close()
+	}
+}
+
 func (s *server) close() {
-	s.ln.Close()
+	s.stopListening()
 	s.wg.Wait()
 }
 
@@ -184,26 +206,26 @@ type servers struct {
 func startServers() (*servers, error) {
 	var ss servers
 	var err error
-	if ss.sink, err = startServer("sink", sinkPort, serveSink); err != nil {
+	if ss.sink, err = startServer("sink", withPassthrough, sinkPort, serveSink); err != nil {
 		return nil, err
 	}
-	if ss.source, err = startServer("source", sourcePort, serveSource); err != nil {
+	if ss.source, err = startServer("source", withPassthrough, sourcePort, serveSource); err != nil {
 		ss.close()
 		return nil, err
 	}
-	if ss.echo, err = startServer("echo", echoPort, serveEcho); err != nil {
+	if ss.echo, err = startServer("echo", withPassthrough, echoPort, serveEcho); err != nil {
 		ss.close()
 		return nil, err
 	}
-	if ss.first, err = startServer("first-byte", firstPort, serveFirstByte); err != nil {
+	if ss.first, err = startServer("first-byte", meshOnly, firstPort, serveFirstByte); err != nil {
 		ss.close()
 		return nil, err
 	}
-	if ss.slowDirect, err = startServer("flood-direct", slowDirectPort, serveFlood); err != nil {
+	if ss.slowDirect, err = startServer("flood-direct", meshOnly, slowDirectPort, serveFlood); err != nil {
 		ss.close()
 		return nil, err
 	}
-	if ss.slowZtgo, err = startServer("flood-ztgo", slowZtgoPort, serveFlood); err != nil {
+	if ss.slowZtgo, err = startServer("flood-ztgo", meshOnly, slowZtgoPort, serveFlood); err != nil {
 		ss.close()
 		return nil, err
 	}
@@ -249,12 +271,12 @@ const idleEchoEnv = "MESHBENCH_IDLE_ECHO"
 // answers every line on stdin with one line of counters (see idleEcho.stat) and exits at EOF
 // on stdin.
 func idleEchoMain() int {
-	s, err := startServer("idle-echo", idlePort, serveIdleEcho)
+	s, err := startServer("idle-echo", meshOnly, idlePort, serveIdleEcho)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "meshbench idle echo: %v\n", err)
 		return 1
 	}
-	defer s.ln.Close()
+	defer s.stopListening()
 	fmt.Println("ready")
 	sc := bufio.NewScanner(os.Stdin)
 	for sc.Scan() {
