@@ -240,6 +240,9 @@ func (h *Handlers) identity(ctx context.Context, f *Flow) Verdict {
 	f.DstIdentity = target.Workload.Identity()
 	f.Dst = target.Dst
 	f.UpAddr = target.Dst
+	// Everything the flow needs from the CONNECT's headers is in it now (the node took
+	// traceparent when the stream arrived).
+	f.DownStream.DropRequestHeaders()
 	return Next
 }
 
@@ -248,9 +251,9 @@ func (h *Handlers) authz(ctx context.Context, f *Flow) Verdict {
 	conn := authz.Conn{SrcIdentity: f.SrcIdentity, SrcIP: f.Src.Addr(), DstIP: f.Dst.Addr(), DstPort: f.Dst.Port()}
 	// Registered before the first check so a policy published in between is not missed.
 	if h.Tracker != nil {
-		src, dst := f.Src, f.Dst
+		// f's addresses are set before this stage and never change after it.
 		h.Tracker.Add(f.ID, f.DstWorkload.UID, conn, func(d authz.Decision) {
-			h.Log.Info("closing connection denied by new policy", "flow", f.ID, "src", src, "dst", dst, "reason", d.Reason)
+			h.Log.Info("closing connection denied by new policy", "flow", f.ID, "src", f.Src, "dst", f.Dst, "reason", d.Reason)
 			f.Abort()
 		})
 	}
@@ -300,13 +303,9 @@ func (h *Handlers) hbone(ctx context.Context, f *Flow) Verdict {
 	if b := WorkloadBaggage(f.SrcWorkload).String(); b != "" {
 		req.Header = append(req.Header, hbone.Header{Name: hbone.HeaderBaggage, Value: b})
 	}
-	s, resp, err := conn.OpenReserved(dctx, req)
+	s, _, err := conn.OpenReserved(dctx, req)
 	if err != nil {
 		return f.Fail(Classify(err), fmt.Errorf("CONNECT %s via %s: %w", req.Authority, f.Route.Dial, err))
-	}
-	if b := resp.Get(hbone.HeaderBaggage); b != "" {
-		bg := hbone.ParseBaggage(b)
-		f.Baggage = &bg
 	}
 	f.Up = s
 	return Next

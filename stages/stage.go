@@ -183,11 +183,8 @@ type Flow struct {
 	UpAddr    netip.AddrPort
 	HBONEAddr netip.AddrPort
 
-	// TraceParent is the CONNECT's traceparent (inbound) or the one sent (outbound); Baggage
-	// the peer's baggage header (the CONNECT's inbound, the response's outbound), nil when it
-	// sent none.
+	// TraceParent is the CONNECT's traceparent (inbound) or the one sent (outbound).
 	TraceParent string
-	Baggage     *hbone.Baggage
 
 	Failure Failure
 	Err     error

@@ -794,10 +794,6 @@ func (n *Node) inboundStream(s *hbone.Stream, local, remote netip.AddrPort, peer
 	f.Src, f.Local, f.SrcIdentity = remote, local, peer
 	req := s.Request()
 	f.TraceParent = req.Get(hbone.HeaderTraceParent)
-	if b := req.Get(hbone.HeaderBaggage); b != "" {
-		bg := hbone.ParseBaggage(b)
-		f.Baggage = &bg
-	}
 	if w := snap.WorkloadByAddr(n.cfg.Network, remote.Addr()); w != nil && w.Identity() == peer {
 		f.SrcWorkload = w
 	}

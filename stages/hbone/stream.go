@@ -84,6 +84,11 @@ func (s *Stream) Conn() *Conn { return s.c }
 // (client side).
 func (s *Stream) Request() *Request { return &s.req }
 
+// DropRequestHeaders lets go of a received CONNECT's headers once the server has read them:
+// a tunnel can live for days and needs them only to be set up. The method and authority stay.
+// Like Request, it is for the goroutine that owns the stream.
+func (s *Stream) DropRequestHeaders() { s.req.Header = nil }
+
 // receive appends data from a DATA frame (read loop). length counts padding too. It returns a
 // non-zero code when the frame violates the stream's state or window.
 func (s *Stream) receive(data []byte, length uint32, end bool) http2.ErrCode {
