@@ -5,6 +5,8 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"net/netip"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -201,5 +203,129 @@ func TestClassify(t *testing.T) {
 	}
 	if FailNone.String() != "-" || FailDeny.String() != "DENY" || FailNetworkPolicy.String() != "NETWORK_POLICY" {
 		t.Fatal("response flag names changed")
+	}
+}
+
+// TestInlineStages: inline stages run on the worker of the stage before them (one goroutine
+// for capture, identity and authz), are traced as their own stages with no time queued, and
+// a flow that starts with an inline stage still goes through its mailbox; a failure in an
+// inline stage goes to the Failed hook.
+func TestInlineStages(t *testing.T) {
+	var mu sync.Mutex
+	gids := map[ID]uint64{}
+	handle := func(id ID) Stage {
+		return StageFunc(func(ctx context.Context, f *Flow) Verdict {
+			mu.Lock()
+			gids[id] = goid()
+			mu.Unlock()
+			if id == Authz && f.Dst.Port() == 1 {
+				return f.Fail(FailDeny, errors.New("no"))
+			}
+			return Next
+		})
+	}
+	r := &recorder{done: make(chan struct{}, 100)}
+	cfgs := map[ID]StageConfig{}
+	for id := ID(0); id < numStages; id++ {
+		cfgs[id] = StageConfig{Stage: handle(id), Workers: 1, Mailbox: 8, Inline: id == Identity || id == Authz}
+	}
+	p, err := NewPipeline(cfgs, Hooks{
+		Established: func(f *Flow) {
+			r.mu.Lock()
+			r.established = append(r.established, f)
+			r.mu.Unlock()
+			r.done <- struct{}{}
+		},
+		Failed: func(f *Flow) { r.mu.Lock(); r.failed = append(r.failed, f); r.mu.Unlock(); r.done <- struct{}{} },
+	}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.Start()
+	t.Cleanup(p.Stop)
+
+	f := p.NewFlow(Inbound, empty(t), Capture, Identity, Authz, Upstream)
+	p.Submit(context.Background(), f)
+	<-r.done
+	if len(r.established) != 1 {
+		t.Fatalf("established %d, failed %d", len(r.established), len(r.failed))
+	}
+	mu.Lock()
+	if gids[Identity] != gids[Capture] || gids[Authz] != gids[Capture] || gids[Upstream] == gids[Capture] {
+		t.Errorf("goroutines by stage %v: identity and authz must run on capture's worker, upstream on its own", gids)
+	}
+	mu.Unlock()
+	spans := f.Trace.Spans()
+	if len(spans) != 4 || spans[1].Stage != "identity" || spans[2].Stage != "authz" {
+		t.Fatalf("spans %+v", spans)
+	}
+	for _, s := range spans[1:3] {
+		if s.Wait() != 0 || s.End.IsZero() {
+			t.Errorf("inline stage %s: wait %v, end %v", s.Stage, s.Wait(), s.End)
+		}
+	}
+
+	// A plan that starts with an inline stage goes through its mailbox and worker.
+	f2 := p.NewFlow(Outbound, empty(t), Identity, Upstream)
+	p.Submit(context.Background(), f2)
+	<-r.done
+	if len(r.established) != 2 || len(f2.Trace.Spans()) != 2 {
+		t.Fatalf("flow starting inline: established %d, spans %d", len(r.established), len(f2.Trace.Spans()))
+	}
+
+	// A failure in an inline stage.
+	f3 := p.NewFlow(Inbound, empty(t), Capture, Identity, Authz, Upstream)
+	f3.Dst = netip.MustParseAddrPort("10.0.0.1:1")
+	p.Submit(context.Background(), f3)
+	<-r.done
+	if len(r.failed) != 1 || f3.Trace.Outcome != "DENY" || len(f3.Trace.Spans()) != 3 {
+		t.Fatalf("failed %d outcome %q spans %d", len(r.failed), f3.Trace.Outcome, len(f3.Trace.Spans()))
+	}
+}
+
+// goid is the current goroutine's id, from its stack header (tests only).
+func goid() uint64 {
+	var buf [64]byte
+	n := runtime.Stack(buf[:], false)
+	var id uint64
+	fmt.Sscanf(strings.TrimPrefix(string(buf[:n]), "goroutine "), "%d", &id)
+	return id
+}
+
+// BenchmarkPipelineFlow is one inbound flow through four no-op stages, with identity and authz
+// as their own actors (two more hand-offs) or inline on capture's worker.
+func BenchmarkPipelineFlow(b *testing.B) {
+	for _, inline := range []bool{false, true} {
+		b.Run(fmt.Sprintf("inline=%v", inline), func(b *testing.B) {
+			done := make(chan struct{}, 1)
+			cfgs := map[ID]StageConfig{}
+			for id := ID(0); id < numStages; id++ {
+				cfgs[id] = StageConfig{
+					Stage:   StageFunc(func(context.Context, *Flow) Verdict { return Next }),
+					Workers: 2, Mailbox: 64, Inline: inline && (id == Identity || id == Authz),
+				}
+			}
+			p, err := NewPipeline(cfgs, Hooks{
+				Established: func(*Flow) { done <- struct{}{} },
+				Failed:      func(*Flow) { done <- struct{}{} },
+			}, nil)
+			if err != nil {
+				b.Fatal(err)
+			}
+			p.Start()
+			defer p.Stop()
+			snap, err := snapshot.Build(snapshot.Config{})
+			if err != nil {
+				b.Fatal(err)
+			}
+			b.ResetTimer()
+			for range b.N {
+				f := p.NewFlow(Inbound, snap, Capture, Identity, Authz, Upstream)
+				if err := p.Submit(context.Background(), f); err != nil {
+					b.Fatal(err)
+				}
+				<-done
+			}
+		})
 	}
 }
