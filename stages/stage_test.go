@@ -30,10 +30,16 @@ type recorder struct {
 
 func newTestPipeline(t *testing.T, handle func(id ID) Stage, mailbox int, reg prometheus.Registerer) (*Pipeline, *recorder) {
 	t.Helper()
+	return newInlinePipeline(t, handle, mailbox, reg, nil)
+}
+
+// newInlinePipeline is newTestPipeline with the stages for which inline says so inline.
+func newInlinePipeline(t *testing.T, handle func(id ID) Stage, mailbox int, reg prometheus.Registerer, inline func(ID) bool) (*Pipeline, *recorder) {
+	t.Helper()
 	r := &recorder{done: make(chan struct{}, 100)}
 	cfgs := map[ID]StageConfig{}
 	for id := ID(0); id < numStages; id++ {
-		cfgs[id] = StageConfig{Stage: handle(id), Workers: 1, Mailbox: mailbox}
+		cfgs[id] = StageConfig{Stage: handle(id), Workers: 1, Mailbox: mailbox, Inline: inline != nil && inline(id)}
 	}
 	p, err := NewPipeline(cfgs, Hooks{
 		Established: func(f *Flow) {
@@ -224,25 +230,7 @@ func TestInlineStages(t *testing.T) {
 			return Next
 		})
 	}
-	r := &recorder{done: make(chan struct{}, 100)}
-	cfgs := map[ID]StageConfig{}
-	for id := ID(0); id < numStages; id++ {
-		cfgs[id] = StageConfig{Stage: handle(id), Workers: 1, Mailbox: 8, Inline: id == Identity || id == Authz}
-	}
-	p, err := NewPipeline(cfgs, Hooks{
-		Established: func(f *Flow) {
-			r.mu.Lock()
-			r.established = append(r.established, f)
-			r.mu.Unlock()
-			r.done <- struct{}{}
-		},
-		Failed: func(f *Flow) { r.mu.Lock(); r.failed = append(r.failed, f); r.mu.Unlock(); r.done <- struct{}{} },
-	}, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	p.Start()
-	t.Cleanup(p.Stop)
+	p, r := newInlinePipeline(t, handle, 8, nil, func(id ID) bool { return id == Identity || id == Authz })
 
 	f := p.NewFlow(Inbound, empty(t), Capture, Identity, Authz, Upstream)
 	p.Submit(context.Background(), f)
