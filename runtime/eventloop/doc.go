@@ -24,8 +24,8 @@
 // The epoll descriptor itself is pollable: the Loop hands it to Go's netpoller and waits for it
 // with a RawConn read, then drains it with epoll_wait(timeout 0). No OS thread is parked in
 // epoll_wait, and the loop goroutine runs on the scheduler like any other. The function a
-// Watch calls runs on that goroutine, so it must not block: the relay's only starts a
-// goroutine.
+// Watch calls runs on that goroutine, so it must not block: the relay's only claims the
+// parked direction and starts a goroutine for it.
 //
 // # Why not gnet
 //
@@ -37,8 +37,13 @@
 // inside each pod's network namespace by redirect's socket factory and cannot be handed to it.
 // What gnet would save (no goroutine per idle connection) this package gives with one epoll
 // set and one-shot arming, and the sockets stay ordinary *net.TCPConn that the splice, TLS
-// and HTTP/2 code paths already use. The measured effect is in perf/RESULTS.md ("Idle
-// connections").
+// and HTTP/2 code paths already use. Measured (perf/RESULTS.md, 10,000 idle connections
+// through two nodes): 2.04 -> 0.04 goroutines and ~16 -> ~5.7 KB of RSS per connection per
+// node, with throughput, round trips and connection rate unchanged within the noise.
+//
+// One-shot arming costs an epoll_ctl per burst. Edge-triggered registration without it would
+// save that call but report every arriving segment of a busy socket to the loop, a wake-up per
+// 64 KiB during bulk transfers; one-shot keeps a busy flow off the loop entirely.
 //
 // # Descriptor lifetime
 //
