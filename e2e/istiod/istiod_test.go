@@ -740,6 +740,9 @@ func TestSourceBothOverlay(t *testing.T) {
 		return knows(m.a, "127.90.2.50") && knows(m.b, "127.90.2.50") && listening("127.90.2.50:15008")
 	}
 	meshtest.WaitFor(t, 5*time.Second, overlaid)
+	// The echo service's endpoint comes from istiod: node-b opens its HBONE listener once its
+	// snapshot has it, which can be a moment after the overlay's.
+	meshtest.WaitFor(t, 5*time.Second, func() bool { return knows(m.a, "127.90.2.10") && listening("127.90.2.10:15008") })
 	m.transfer("127.90.1.10", "127.90.100.1:80", 64<<10, 1)
 	m.transfer("127.90.1.10", "127.90.2.50:8080", 64<<10, 2)
 	// The overlay's DENY applies on node-b.
