@@ -3,14 +3,17 @@ package stages
 import (
 	"context"
 	"errors"
+	"io"
 	"net"
 	"net/netip"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/ztgo/ztgo/control/snapshot"
+	"github.com/ztgo/ztgo/stages/authz"
 )
 
 // testPod is a stages.Pod whose original destination and workload the test sets; the real
@@ -146,5 +149,63 @@ func TestUpstreamDialsThroughPod(t *testing.T) {
 	want := []string{"dial 198.18.9.9:80", "transparent 198.18.1.1 198.18.9.9:80", "transparent invalid IP 198.18.9.9:80"}
 	if !slices.Equal(pod.dial, want) {
 		t.Fatalf("pod dialled %q, want %q", pod.dial, want)
+	}
+}
+
+// fakeConn is a Down that records its Close.
+type fakeConn struct{ closed atomic.Int32 }
+
+func (c *fakeConn) Read([]byte) (int, error)    { return 0, io.EOF }
+func (c *fakeConn) Write(p []byte) (int, error) { return len(p), nil }
+func (c *fakeConn) CloseWrite() error           { return nil }
+func (c *fakeConn) Close() error                { c.closed.Add(1); return nil }
+
+// A policy change that denies an established flow aborts it through its relay (closing Down
+// alone would not wake a relay parked on the event loop); one that lands before the relay
+// runs closes Down and makes SetAbort refuse, so the relay is aborted as it starts.
+func TestPolicyChangeAbortsFlow(t *testing.T) {
+	dst := func() *snapshot.Workload {
+		return &snapshot.Workload{UID: "d", Name: "d", Namespace: "ns", Addresses: []netip.Addr{netip.MustParseAddr("10.0.0.2")}}
+	}
+	build := func(policies ...*snapshot.Policy) *snapshot.Snapshot {
+		snap, err := snapshot.Build(snapshot.Config{Workloads: []*snapshot.Workload{dst()}, Policies: policies})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return snap
+	}
+	open := build()
+	denyAll := build(&snapshot.Policy{Name: "deny", Namespace: "ns", Scope: snapshot.ScopeNamespace, Action: snapshot.ActionDeny, Rules: []snapshot.Rule{{}}})
+
+	for i, relayFirst := range []bool{true, false} {
+		h := &Handlers{Tracker: authz.NewTracker(nil)}
+		h.Stages(1, 1)
+		down := &fakeConn{}
+		f := &Flow{ID: uint64(i + 1), Dir: Inbound, Snap: open, DstWorkload: open.WorkloadByUID("d"), Down: down,
+			Src: netip.MustParseAddrPort("10.0.0.1:4000"), Dst: netip.MustParseAddrPort("10.0.0.2:80")}
+		if v := h.authz(context.Background(), f); v != Next {
+			t.Fatalf("authz before the change: %v %v", f.Failure, f.Err)
+		}
+		var relayAborted atomic.Int32
+		abortRelay := func() { relayAborted.Add(1) }
+		if relayFirst && !f.SetAbort(abortRelay) {
+			t.Fatal("SetAbort refused on a live flow")
+		}
+		if n := h.Tracker.Recheck(denyAll); n != 1 {
+			t.Fatalf("recheck closed %d flows, want 1", n)
+		}
+		if relayFirst {
+			if relayAborted.Load() != 1 || down.closed.Load() != 0 {
+				t.Errorf("relay running: relay aborted %d times, Down closed %d times; want the relay's abort only",
+					relayAborted.Load(), down.closed.Load())
+			}
+			continue
+		}
+		if down.closed.Load() != 1 {
+			t.Errorf("before the relay: Down closed %d times, want 1", down.closed.Load())
+		}
+		if f.SetAbort(abortRelay) {
+			t.Error("SetAbort accepted after the flow was aborted: the relay would run on")
+		}
 	}
 }

@@ -146,15 +146,25 @@ func (l *Loop) run() {
 	}
 }
 
+// Watches is the number of sockets registered (Watch, not yet Close), armed or not.
+func (l *Loop) Watches() int { return l.watches.Size() }
+
 // Watch is one socket registered with a Loop.
 type Watch struct {
-	l     *Loop
-	id    uint64
-	rc    syscall.RawConn
-	fn    func()
-	mu    sync.Mutex // orders Arm and Close
+	l  *Loop
+	id uint64
+	rc syscall.RawConn
+	fn func()
+
+	mu    sync.Mutex // orders Arm and Close, and guards what follows
 	added bool
 	gone  bool
+	// ctl's state: the functions it hands to Control, made once (a closure per call would
+	// allocate on every Arm, that is on every burst of a flow), and what they pass on.
+	onConn, onSet func(fd uintptr)
+	op, fd        int
+	ev            unix.EpollEvent
+	err           error
 }
 
 // Watch registers c with the loop, disarmed. fn is called on the loop's goroutine once per
@@ -167,6 +177,8 @@ func (l *Loop) Watch(c syscall.Conn, fn func()) (*Watch, error) {
 		return nil, fmt.Errorf("watch: %w", err)
 	}
 	w := &Watch{l: l, id: l.nextID.Add(1), rc: rc, fn: fn}
+	w.ev = unix.EpollEvent{Events: armEvents, Fd: int32(uint32(w.id)), Pad: int32(uint32(w.id >> 32))}
+	w.onConn, w.onSet = w.connFD, w.setFD
 	l.watches.Store(w.id, w)
 	return w, nil
 }
@@ -179,27 +191,20 @@ func (w *Watch) Arm() error {
 	if w.gone {
 		return errWatchClosed
 	}
-	ev := unix.EpollEvent{Events: armEvents, Fd: int32(uint32(w.id)), Pad: int32(uint32(w.id >> 32))}
 	op := unix.EPOLL_CTL_MOD
 	if !w.added {
 		op = unix.EPOLL_CTL_ADD
 	}
-	var cerr error
-	err := w.rc.Control(func(fd uintptr) {
-		cerr = w.l.ctl(op, int(fd), &ev)
-	})
-	if err != nil {
+	if err := w.ctl(op); err != nil {
 		return fmt.Errorf("arm: %w", err)
-	}
-	if cerr != nil {
-		return fmt.Errorf("arm: %w", cerr)
 	}
 	w.added = true
 	return nil
 }
 
-// Close removes the socket from the loop; no report follows. It is safe to call more than
-// once, and after the connection was closed.
+// Close removes the socket from the loop. A report the loop is delivering at that moment may
+// still call fn once, after Close; none follows. It is safe to call more than once, and after
+// the connection was closed.
 func (w *Watch) Close() {
 	w.mu.Lock()
 	defer w.mu.Unlock()
@@ -210,23 +215,31 @@ func (w *Watch) Close() {
 	w.l.watches.Delete(w.id)
 	if w.added {
 		// A closed connection already left the set: Control then fails, which is fine.
-		_ = w.rc.Control(func(fd uintptr) { _ = w.l.ctl(unix.EPOLL_CTL_DEL, int(fd), nil) })
+		_ = w.ctl(unix.EPOLL_CTL_DEL)
 	}
 }
 
 var errWatchClosed = errors.New("eventloop: watch closed")
 
-// ctl runs epoll_ctl on the loop's set, holding the set's descriptor open while it does.
-func (l *Loop) ctl(op, fd int, ev *unix.EpollEvent) error {
-	var err error
-	cerr := l.rc.Control(func(epfd uintptr) {
-		err = unix.EpollCtl(int(epfd), op, fd, ev)
-	})
-	if cerr != nil {
-		return fmt.Errorf("epoll set: %w", cerr)
+// ctl runs epoll_ctl(op) for the socket on the loop's set, inside both descriptors' Control:
+// neither number can be closed and reused while it runs. w.mu is held.
+func (w *Watch) ctl(op int) error {
+	w.op, w.err = op, nil
+	if err := w.rc.Control(w.onConn); err != nil {
+		return err
 	}
-	if err != nil {
-		return fmt.Errorf("epoll_ctl: %w", err)
+	return w.err
+}
+
+func (w *Watch) connFD(fd uintptr) {
+	w.fd = int(fd)
+	if err := w.l.rc.Control(w.onSet); err != nil {
+		w.err = fmt.Errorf("epoll set: %w", err)
 	}
-	return nil
+}
+
+func (w *Watch) setFD(epfd uintptr) {
+	if err := unix.EpollCtl(int(epfd), w.op, w.fd, &w.ev); err != nil {
+		w.err = fmt.Errorf("epoll_ctl: %w", err)
+	}
 }

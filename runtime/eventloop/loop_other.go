@@ -23,6 +23,7 @@ func New(*slog.Logger, prometheus.Registerer) (*Loop, error) { return nil, errUn
 
 func (l *Loop) Start()                                     {}
 func (l *Loop) Stop()                                      {}
+func (l *Loop) Watches() int                               { return 0 }
 func (l *Loop) Watch(syscall.Conn, func()) (*Watch, error) { return nil, errUnsupported }
 func (w *Watch) Arm() error                                { return errUnsupported }
 func (w *Watch) Close()                                    {}

@@ -21,7 +21,12 @@
 // a busy direction holds one goroutine, also while it waits for its far side (HTTP/2 send
 // window, a full socket), which is the backpressure: a parked source that nobody re-arms is
 // not read, so its sender stalls. Without an event loop (New with nil, or not Linux), a TCP
-// source keeps a goroutine for the direction's life as before.
+// source's bursts run the same code but wait for bytes on Go's netpoller instead of parking:
+// such a direction keeps a goroutine for its life (and a spliced one its pipe, as Go's own
+// splice does), though no copy buffer while idle.
+//
+// Nothing is allocated per burst or per read: the functions a direction hands to RawConn,
+// to the event loop and to go statements are made once, when the flow starts.
 package relay
 
 import (
@@ -161,8 +166,8 @@ func (f *Flow) dirFinished() {
 type mode uint8
 
 const (
-	// modeBlocking: one goroutine copies until EOF (a source that cannot park).
-	modeBlocking mode = iota
+	// modeCopy: a source that is neither TCP nor a stream, copied on one goroutine to its end.
+	modeCopy mode = iota
 	// modeSplice: TCP to TCP through a pipe.
 	modeSplice
 	// modeRead: a TCP source read into a pooled buffer, written to dst.
@@ -171,19 +176,35 @@ const (
 	modeStream
 )
 
-// dir is one direction of a flow. Only one goroutine runs it at a time: parked is claimed
-// with a compare-and-swap by whoever starts the next burst.
+// dir is one direction of a flow. Only one goroutine runs it at a time (its owner): parked is
+// claimed with a compare-and-swap by whoever starts the next burst, and every field below but
+// parked is the owner's alone.
 type dir struct {
 	f        *Flow
 	dst, src Conn
 	count    Counter // live byte counter (wraps firstRecv), may be nil
 	mode     mode
-	srcRC    syscall.RawConn
-	dstRC    syscall.RawConn
-	watch    *eventloop.Watch
-	wakeFn   func() // d.wake, made once: a method value allocates
-	armErr   error
-	parked   atomic.Bool
+	// wait: the direction never parks; its bursts wait for the source themselves (a TCP
+	// source on Go's netpoller when there is no event loop, or a blocking Read).
+	wait   bool
+	srcRC  syscall.RawConn
+	dstRC  syscall.RawConn
+	watch  *eventloop.Watch // a parking TCP source's, registered before the first park
+	wakeFn func()           // d.wake or d.wakeStream, made once: a method value allocates
+	runFn  func()           // d.run, made once: so is the closure of a go statement
+	// rawIn and rawOut are what the direction hands to srcRC.Read and dstRC.Write, made once
+	// for the mode (a closure per call would allocate on every read); they pass their
+	// results in the scratch fields below.
+	rawIn, rawOut func(fd uintptr) bool
+	bp            *[]byte // copy buffer, held while its bytes are in flight
+	pipe          *kpipe  // splice pipe, held for a burst
+	p             []byte  // what writeNowIO writes
+	want          int     // what spliceOutIO moves
+	ioN           int
+	ioErr         error
+	now           bool  // Write must not wait: it runs on an HBONE read loop
+	armErr        error // why parking failed, for the owner to finish with
+	parked        atomic.Bool
 
 	// Results, read once both directions finished.
 	n   int64
@@ -192,60 +213,60 @@ type dir struct {
 
 func (d *dir) init(f *Flow, dst, src Conn, c Counter, first func()) {
 	d.f, d.dst, d.src, d.count = f, dst, src, c
-	d.wakeFn = d.wake
+	d.wakeFn, d.runFn = d.wake, d.run
 	srcTCP, _ := src.(*net.TCPConn)
 	dstTCP, _ := dst.(*net.TCPConn)
+	var dstRC syscall.RawConn
+	if dstTCP != nil {
+		dstRC, _ = dstTCP.SyscallConn()
+	}
 	if first != nil && (srcTCP == nil || dstTCP == nil) {
 		// A splice is not observed byte by byte: no first-bytes hook there.
 		d.count = &firstCounter{c: c, fn: first}
 	}
-	switch {
-	case isStream(src):
+	if _, ok := src.(*hbone.Stream); ok {
 		d.mode = modeStream
-		if dstTCP != nil {
-			if rc, err := dstTCP.SyscallConn(); err == nil {
-				d.dstRC = rc
-				d.wakeFn = d.wakeStream
-			}
+		if dstRC != nil {
+			d.dstRC, d.rawOut = dstRC, d.writeNowIO
+			d.wakeFn = d.wakeStream
 		}
-	case srcTCP != nil && f.r.loop != nil:
-		rc, err := srcTCP.SyscallConn()
-		if err != nil {
-			return // modeBlocking
-		}
-		d.srcRC, d.mode = rc, modeRead
-		if dstTCP != nil {
-			if rc, err := dstTCP.SyscallConn(); err == nil {
-				d.dstRC, d.mode = rc, modeSplice
-			}
+		return
+	}
+	d.mode, d.wait = modeCopy, true
+	if srcTCP == nil {
+		return
+	}
+	rc, err := srcTCP.SyscallConn()
+	if err != nil {
+		return
+	}
+	d.srcRC, d.mode, d.rawIn = rc, modeRead, d.readIO
+	if dstRC != nil {
+		d.initSplice(dstRC) // where splice(2) exists
+	}
+	if f.r.loop != nil {
+		// Registered now, before the direction can be woken from elsewhere: the watch is
+		// then fixed for the direction's life, and finish always closes it.
+		if w, err := f.r.loop.Watch(srcTCP, d.wakeFn); err == nil {
+			d.watch, d.wait = w, false
 		}
 	}
 }
 
 // begin starts the direction parked: its first burst runs once the source is readable.
 func (d *dir) begin() {
-	if d.mode == modeBlocking {
+	if d.park() {
 		d.f.r.running.Add(1)
-		go func() {
-			n, err := d.f.r.pipe(d.dst, d.src, d.count)
-			d.n = n
-			d.finish(err)
-		}()
-		return
-	}
-	d.parked.Store(true)
-	if d.sleep() && d.parked.CompareAndSwap(true, false) {
-		d.f.r.running.Add(1)
-		go d.run()
+		go d.runFn()
 	}
 }
 
 // wake starts the next burst if the direction is parked. It never blocks: it runs on the
-// event loop and under a stream's lock.
+// event loop, on an HBONE read loop, or in Abort.
 func (d *dir) wake() {
 	if d.parked.CompareAndSwap(true, false) {
 		d.f.r.running.Add(1)
-		go d.run()
+		go d.runFn()
 	}
 }
 
@@ -260,10 +281,12 @@ func (d *dir) wakeStream() {
 	}
 	d.f.r.running.Add(1)
 	for range 4 { // a few rounds at most: the read loop has other streams to serve
-		if d.f.aborted.Load() || d.armErr != nil {
+		if d.f.aborted.Load() {
 			break
 		}
-		n, done, err := d.src.(*hbone.Stream).WriteAvailable(countWriter{nonBlocking{d.dstRC}, d.count})
+		d.now = true
+		n, done, err := d.src.(*hbone.Stream).WriteAvailable(d)
+		d.now = false
 		d.n += n
 		if n > 0 {
 			d.f.r.inline.Add(1)
@@ -271,38 +294,12 @@ func (d *dir) wakeStream() {
 		if err != nil || done {
 			break // the goroutine sees the same error or end, and finishes
 		}
-		d.parked.Store(true)
-		if !d.sleep() {
+		if !d.park() {
 			d.f.r.running.Add(-1)
-			return // drained and armed again
-		}
-		if !d.parked.CompareAndSwap(true, false) {
-			d.f.r.running.Add(-1)
-			return // a concurrent wake runs it
+			return // drained and armed again, or a concurrent wake runs it
 		}
 	}
-	go d.run()
-}
-
-// nonBlocking writes to a socket once, without waiting: a partial write returns errWouldBlock.
-type nonBlocking struct{ rc syscall.RawConn }
-
-var errWouldBlock = errors.New("relay: socket full")
-
-func (w nonBlocking) Write(p []byte) (int, error) {
-	var n int
-	var werr error
-	err := w.rc.Write(func(fd uintptr) bool {
-		n, werr = writeFD(int(fd), p)
-		return true
-	})
-	if err != nil {
-		return n, err
-	}
-	if isAgain(werr) || (werr == nil && n < len(p)) {
-		return n, errWouldBlock
-	}
-	return n, werr
+	go d.runFn()
 }
 
 // run moves bytes until the source would block, then parks, or finishes the direction.
@@ -317,40 +314,39 @@ func (d *dir) run() {
 			d.finish(err)
 			return
 		}
-		d.parked.Store(true)
-		if !d.sleep() {
+		if !d.park() {
 			d.f.r.running.Add(-1)
 			return // armed: the next report runs the next burst
-		}
-		if !d.parked.CompareAndSwap(true, false) {
-			d.f.r.running.Add(-1)
-			return // a concurrent wake runs it
 		}
 	}
 }
 
-// sleep arms the direction's wakeup. It reports true when the caller should run a burst now
-// instead: the source is readable already, the flow was aborted, or arming failed (armErr).
-func (d *dir) sleep() bool {
-	if d.f.aborted.Load() {
+// park arms the direction's wakeup (the event loop for a TCP source, NotifyReadable for a
+// stream) and gives the direction up. It reports whether the caller still owns it and must
+// run a burst now instead: the source is readable already, the flow was aborted, arming
+// failed (armErr, to finish with), or the direction never parks. Once it returns false, a
+// wake may run the direction on another goroutine at any moment: the caller must not touch
+// it again.
+func (d *dir) park() bool {
+	if d.wait {
 		return true
 	}
-	if d.mode == modeStream {
-		return !d.src.(*hbone.Stream).NotifyReadable(d.wakeFn)
-	}
-	if d.watch == nil {
-		w, err := d.f.r.loop.Watch(d.src.(*net.TCPConn), d.wakeFn)
-		if err != nil {
-			d.armErr = err
-			return true
+	d.parked.Store(true)
+	var err error
+	if !d.f.aborted.Load() { // checked after parked is set: Abort's wake then finds it
+		if d.mode == modeStream {
+			if d.src.(*hbone.Stream).NotifyReadable(d.wakeFn) {
+				return false
+			}
+		} else if err = d.watch.Arm(); err == nil {
+			return false
 		}
-		d.watch = w
 	}
-	if err := d.watch.Arm(); err != nil {
-		d.armErr = err
-		return true
+	if !d.parked.CompareAndSwap(true, false) {
+		return false // a concurrent wake claimed it and runs it
 	}
-	return false
+	d.armErr = err
+	return true
 }
 
 // finish ends the direction: an error aborts the flow; the second direction to finish closes
@@ -372,7 +368,7 @@ func (d *dir) finish(err error) {
 func (d *dir) burst() (idle bool, err error) {
 	switch d.mode {
 	case modeStream:
-		n, done, err := d.src.(*hbone.Stream).WriteAvailable(countWriter{d.dst, d.count})
+		n, done, err := d.src.(*hbone.Stream).WriteAvailable(d)
 		d.n += n
 		if err != nil {
 			return false, err
@@ -383,9 +379,57 @@ func (d *dir) burst() (idle bool, err error) {
 		return true, nil
 	case modeSplice:
 		return d.burstSplice()
-	default:
+	case modeRead:
 		return d.burstRead()
+	default:
+		bp := d.f.r.getBuf()
+		n, err := io.CopyBuffer(d, d.src, *bp)
+		d.f.r.putBuf(bp)
+		d.n += n
+		if err != nil {
+			return false, err
+		}
+		return false, d.dst.CloseWrite()
 	}
+}
+
+// Write writes p to dst and counts it: the writer a stream source drains into, and the
+// generic copy's. On an HBONE read loop (now) it writes only what the socket takes at once.
+func (d *dir) Write(p []byte) (int, error) {
+	var n int
+	var err error
+	if d.now {
+		n, err = d.writeNow(p)
+	} else {
+		n, err = d.dst.Write(p)
+	}
+	if n > 0 && d.count != nil {
+		d.count.Add(int64(n))
+	}
+	return n, err
+}
+
+var errWouldBlock = errors.New("relay: socket full")
+
+// writeNow writes p to the TCP destination once, without waiting: what the socket does not
+// take at once is left, with errWouldBlock.
+func (d *dir) writeNow(p []byte) (int, error) {
+	d.p = p
+	err := d.dstRC.Write(d.rawOut)
+	d.p = nil
+	if err != nil {
+		return 0, err
+	}
+	n, werr := d.ioN, d.ioErr
+	if isAgain(werr) || (werr == nil && n < len(p)) {
+		return n, errWouldBlock
+	}
+	return n, werr
+}
+
+func (d *dir) writeNowIO(fd uintptr) bool {
+	d.ioN, d.ioErr = writeFD(int(fd), d.p)
+	return true // never wait on the netpoller
 }
 
 // burstRead reads the TCP source into a pooled buffer, held only while bytes are in flight,
@@ -393,24 +437,13 @@ func (d *dir) burst() (idle bool, err error) {
 func (d *dir) burstRead() (bool, error) {
 	r := d.f.r
 	for {
-		var bp *[]byte
-		var n int
-		var rerr error
-		err := d.srcRC.Read(func(fd uintptr) bool {
-			bp = r.getBuf()
-			n, rerr = readFD(int(fd), *bp)
-			if n <= 0 {
-				r.putBuf(bp)
-				bp = nil
-			}
-			return true // never wait on the netpoller: an idle source parks on the loop
-		})
-		if err != nil {
+		if err := d.srcRC.Read(d.rawIn); err != nil {
 			return false, err
 		}
-		if n > 0 {
-			_, werr := d.dst.Write((*bp)[:n])
-			r.putBuf(bp)
+		if n := d.ioN; n > 0 {
+			_, werr := d.dst.Write((*d.bp)[:n])
+			r.putBuf(d.bp)
+			d.bp = nil
 			d.n += int64(n)
 			if d.count != nil {
 				d.count.Add(int64(n))
@@ -425,7 +458,7 @@ func (d *dir) burstRead() (bool, error) {
 			}
 			continue
 		}
-		switch {
+		switch rerr := d.ioErr; {
 		case isAgain(rerr):
 			return true, nil
 		case rerr != nil:
@@ -436,97 +469,25 @@ func (d *dir) burstRead() (bool, error) {
 	}
 }
 
-// pipe copies src to dst on the calling goroutine until src's EOF, then closes dst's write
-// half: the path of a source that cannot park. c counts bytes as they move, except on a
-// TCP-to-TCP splice (counted once at the end).
-func (r *Relay) pipe(dst, src Conn, c Counter) (int64, error) {
-	var n int64
-	var err error
-	switch {
-	case isTCP(dst) && isTCP(src):
-		// splice(2): the bytes never enter user space.
-		n, err = dst.(*net.TCPConn).ReadFrom(src.(*net.TCPConn))
-		if c != nil && n > 0 {
-			c.Add(n)
-		}
-	case isStream(src):
-		n, err = src.(*hbone.Stream).WriteTo(countWriter{dst, c})
-	case isStream(dst) && isTCP(src):
-		n, err = r.tcpToStream(dst.(*hbone.Stream), src.(*net.TCPConn), c)
-		if err == nil {
-			return n, nil // tcpToStream already sent END_STREAM
-		}
-	case isStream(dst):
-		bp := r.getBuf()
-		n, err = dst.(*hbone.Stream).ReadFromBuffer(countReader{src, c}, *bp)
-		r.putBuf(bp)
-		if err == nil {
-			return n, nil // ReadFromBuffer already sent END_STREAM
-		}
-	default:
-		bp := r.getBuf()
-		n, err = io.CopyBuffer(writerOnly{countWriter{dst, c}}, readerOnly{src}, *bp)
-		r.putBuf(bp)
+// readIO reads the source into a buffer taken from the pool for the read and kept only when
+// bytes came. Without an event loop it waits on the netpoller, holding no buffer, when the
+// socket is empty.
+func (d *dir) readIO(fd uintptr) bool {
+	r := d.f.r
+	d.bp = r.getBuf()
+	d.ioN, d.ioErr = readFD(int(fd), *d.bp)
+	if d.ioN > 0 {
+		return true
 	}
-	if err != nil {
-		return n, err
-	}
-	return n, dst.CloseWrite()
-}
-
-// tcpToStream copies a TCP socket into an HBONE stream. It takes a buffer from the pool only
-// once the socket is readable, and gives it back before waiting again, so an idle flow holds no
-// buffer at all: memory follows the bytes in flight, not the number of flows.
-func (r *Relay) tcpToStream(dst *hbone.Stream, src *net.TCPConn, c Counter) (int64, error) {
-	rc, err := src.SyscallConn()
-	if err != nil {
-		return 0, err
-	}
-	var total int64
-	for {
-		var bp *[]byte
-		var n int
-		var rerr error
-		err := rc.Read(func(fd uintptr) bool {
-			bp = r.getBuf()
-			n, rerr = readFD(int(fd), *bp)
-			if isAgain(rerr) {
-				r.putBuf(bp)
-				bp = nil
-				return false // wait for readability without holding the buffer
-			}
-			return true
-		})
-		if err == nil {
-			err = rerr
-		}
-		if n > 0 {
-			_, werr := dst.Write((*bp)[:n])
-			total += int64(n)
-			if c != nil {
-				c.Add(int64(n))
-			}
-			if werr != nil {
-				r.putBuf(bp)
-				return total, werr
-			}
-		}
-		if bp != nil {
-			r.putBuf(bp)
-		}
-		if err != nil {
-			return total, err
-		}
-		if n == 0 {
-			return total, dst.CloseWrite()
-		}
-	}
+	r.putBuf(d.bp)
+	d.bp = nil
+	return !d.wait || !isAgain(d.ioErr)
 }
 
 // firstCounter forwards to c (which may be nil) and calls fn once, on the first non-empty Add.
 type firstCounter struct {
 	c     Counter
-	fired bool // one direction is one goroutine: no synchronisation needed
+	fired bool // one direction has one owner at a time: no synchronisation needed
 	fn    func()
 }
 
@@ -540,36 +501,3 @@ func (f *firstCounter) Add(n int64) int64 {
 	}
 	return f.c.Add(n)
 }
-
-func isTCP(c Conn) bool    { _, ok := c.(*net.TCPConn); return ok }
-func isStream(c Conn) bool { _, ok := c.(*hbone.Stream); return ok }
-
-type countWriter struct {
-	w io.Writer
-	c Counter
-}
-
-func (cw countWriter) Write(p []byte) (int, error) {
-	n, err := cw.w.Write(p)
-	if cw.c != nil && n > 0 {
-		cw.c.Add(int64(n))
-	}
-	return n, err
-}
-
-type countReader struct {
-	r io.Reader
-	c Counter
-}
-
-func (cr countReader) Read(p []byte) (int, error) {
-	n, err := cr.r.Read(p)
-	if cr.c != nil && n > 0 {
-		cr.c.Add(int64(n))
-	}
-	return n, err
-}
-
-// writerOnly and readerOnly hide ReadFrom/WriteTo so io.CopyBuffer uses our buffer.
-type writerOnly struct{ io.Writer }
-type readerOnly struct{ io.Reader }

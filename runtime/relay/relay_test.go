@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"runtime"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -278,6 +279,10 @@ func TestIdleFlowsHoldNoGoroutine(t *testing.T) {
 	if b := r.BuffersInUse(); b != 0 {
 		t.Fatalf("idle flows hold %d buffers", b)
 	}
+	// Every TCP source is registered with the loop: each flow's down, and the up of half.
+	if w := r.loop.Watches(); w != 3*n {
+		t.Fatalf("%d sockets watched with %d idle flows, want %d", w, len(flows), 3*n)
+	}
 	for _, f := range flows {
 		exchange(t, f.client, f.server, "again")
 		f.closeC()
@@ -295,6 +300,9 @@ func TestIdleFlowsHoldNoGoroutine(t *testing.T) {
 	}
 	if r.Running() != 0 {
 		t.Fatalf("%d directions running after every flow finished", r.Running())
+	}
+	if w := r.loop.Watches(); w != 0 {
+		t.Fatalf("%d sockets still watched after every flow finished", w)
 	}
 }
 
@@ -500,4 +508,162 @@ func TestStreamToTCPWriteThrough(t *testing.T) {
 		t.Fatal("flow did not finish")
 	}
 	peer.Close()
+}
+
+// TestEstablishedPathAllocs: once a flow runs, moving bytes allocates nothing per burst or per
+// read, neither TCP to TCP (splice, parking on the event loop) nor through an HBONE stream
+// (pooled buffer one way, write-through from the read loop the other).
+func TestEstablishedPathAllocs(t *testing.T) {
+	r := relays(t)["eventloop"]
+	// Under the race detector a sync.Pool drops a quarter of what is put back, at random, and
+	// each refill allocates: allow that much there. A closure, a method value or an interface
+	// conversion per burst costs at least one more per round and still fails.
+	limit := 0.0
+	if raceEnabled {
+		limit = 1
+	}
+	for _, kind := range []string{"tcp", "stream"} {
+		client, down := tcpPair(t)
+		var up Conn
+		var server io.ReadWriter
+		if kind == "tcp" {
+			u, s := tcpPair(t)
+			up, server = u, s
+		} else {
+			u, s := streamPair(t)
+			up, server = u, s
+		}
+		done := make(chan Result, 1)
+		r.Start(down, up, nil, nil, nil, func(res Result) { done <- res })
+		p := make([]byte, 16<<10)
+		back := make([]byte, len(p))
+		round := func() {
+			for _, c := range [][2]io.ReadWriter{{client, server}, {server, client}} {
+				if _, err := c[0].Write(p); err != nil {
+					t.Fatal(err)
+				}
+				if _, err := io.ReadFull(c[1], back); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+		for range 50 {
+			round() // warm pools and buffers
+		}
+		if n := testing.AllocsPerRun(200, round); n > limit {
+			t.Errorf("%s: %v allocations per 16 KiB round trip through an established flow", kind, n)
+		}
+		client.Close()
+		if c, ok := server.(io.Closer); ok {
+			c.Close()
+		}
+		select {
+		case <-done:
+		case <-time.After(5 * time.Second):
+			t.Fatalf("%s: flow did not finish after both ends closed", kind)
+		}
+	}
+}
+
+// TestFarEndCloseEndsIdleFlow: when the ends go away while the flow is idle (the app's FIN
+// and close; the server's close, which through HBONE is a RST_STREAM CANCEL the stream treats
+// as its end; or the whole HBONE connection lost), the parked directions wake and the flow
+// finishes.
+func TestFarEndCloseEndsIdleFlow(t *testing.T) {
+	eachRelay(t, func(t *testing.T, r *Relay) {
+		for _, kind := range []string{"tcp", "stream", "connection lost"} {
+			client, down := tcpPair(t)
+			var up Conn
+			var server io.ReadWriteCloser
+			if kind == "tcp" {
+				up, server = tcpPair(t)
+			} else {
+				up, server = streamPair(t)
+			}
+			done := make(chan Result, 1)
+			r.Start(down, up, nil, nil, nil, func(res Result) { done <- res })
+			exchange(t, client, server, "hi")
+			waitFor(t, "the flow idle", func() bool { return r.loop == nil || r.Running() == 0 })
+			if kind == "connection lost" {
+				up.(*hbone.Stream).Conn().Close() // the app keeps its socket open
+			} else {
+				server.Close()
+				client.Close()
+			}
+			select {
+			case res := <-done:
+				if kind == "connection lost" && res.Err == nil {
+					t.Errorf("%s: flow finished without an error", kind)
+				}
+			case <-time.After(5 * time.Second):
+				t.Fatalf("%s: idle flow did not finish", kind)
+			}
+			client.Close()
+			server.Close()
+		}
+	})
+}
+
+// TestAbortDuringBursts: aborts that land while directions are moving bytes, parking or being
+// woken (from a user, or from the other direction's error) end every flow, and leave nothing
+// behind: no direction running, no socket watched, no buffer held.
+func TestAbortDuringBursts(t *testing.T) {
+	eachRelay(t, func(t *testing.T, r *Relay) {
+		const n = 40
+		var wg sync.WaitGroup
+		for i := range n {
+			client, down := tcpPair(t)
+			var up Conn
+			var server io.ReadWriteCloser
+			if i%2 == 0 {
+				up, server = tcpPair(t)
+			} else {
+				up, server = streamPair(t)
+			}
+			done := make(chan Result, 1)
+			f := r.Start(down, up, nil, nil, nil, func(res Result) { done <- res })
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer client.Close()
+				defer server.Close()
+				// Small writes both ways keep both directions bursting and parking.
+				for _, c := range []io.ReadWriter{client, server} {
+					go func() {
+						buf := make([]byte, 512)
+						for {
+							if _, err := c.Write(buf); err != nil {
+								return
+							}
+							if _, err := c.Read(buf); err != nil {
+								return
+							}
+						}
+					}()
+				}
+				time.Sleep(time.Duration(i%8) * time.Millisecond)
+				if i%4 == 3 {
+					client.SetLinger(0)
+					client.Close() // a reset: the relay aborts itself
+				} else {
+					f.Abort()
+				}
+				select {
+				case <-done:
+				case <-time.After(5 * time.Second):
+					t.Errorf("flow %d did not finish after its abort", i)
+				}
+			}()
+		}
+		wg.Wait()
+		waitFor(t, "no direction running", func() bool { return r.Running() == 0 })
+		if r.loop != nil {
+			if w := r.loop.Watches(); w != 0 {
+				t.Errorf("%d sockets still watched after every flow finished", w)
+			}
+		}
+		if b := r.BuffersInUse(); b != 0 {
+			t.Errorf("%d buffers held after every flow finished", b)
+		}
+	})
 }

@@ -4,6 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"runtime"
+	"syscall"
 
 	"golang.org/x/sys/unix"
 )
@@ -12,10 +14,13 @@ import (
 // kernel's default (64 KiB) is kept when the limit refuses it.
 const pipeSize = 1 << 20
 
-// pipe is a kernel pipe used by a splice burst; it is pooled only when empty.
+// kpipe is a kernel pipe used by a splice burst; it is pooled only when empty.
 type kpipe struct {
 	r, w int
 	size int
+	// cleanup closes the descriptors of a pipe the pool lets go of: a sync.Pool drops what it
+	// holds at garbage collection, and a dropped pipe would otherwise leak two descriptors.
+	cleanup runtime.Cleanup
 }
 
 func (r *Relay) getPipe() (*kpipe, error) {
@@ -30,12 +35,25 @@ func (r *Relay) getPipe() (*kpipe, error) {
 	if n, err := unix.FcntlInt(uintptr(p.w), unix.F_SETPIPE_SZ, pipeSize); err == nil {
 		p.size = n
 	}
+	p.cleanup = runtime.AddCleanup(p, closePipe, fds)
 	return p, nil
 }
 
+// close closes a pipe that is not going back to the pool (it may hold bytes).
 func (p *kpipe) close() {
-	unix.Close(p.r)
-	unix.Close(p.w)
+	p.cleanup.Stop()
+	closePipe([2]int{p.r, p.w})
+}
+
+func closePipe(fds [2]int) {
+	unix.Close(fds[0])
+	unix.Close(fds[1])
+}
+
+// initSplice makes a TCP-to-TCP direction splice through a pipe.
+func (d *dir) initSplice(dstRC syscall.RawConn) {
+	d.mode, d.dstRC = modeSplice, dstRC
+	d.rawIn, d.rawOut = d.spliceInIO, d.spliceOutIO
 }
 
 // burstSplice moves bytes from the TCP source to the TCP destination through a pipe, in the
@@ -47,8 +65,10 @@ func (d *dir) burstSplice() (idle bool, err error) {
 	if err != nil {
 		return false, err
 	}
+	d.pipe = p
 	clean := false
 	defer func() {
+		d.pipe = nil
 		if clean {
 			r.pipes.Put(p)
 		} else {
@@ -56,23 +76,12 @@ func (d *dir) burstSplice() (idle bool, err error) {
 		}
 	}()
 	for {
-		var n int
-		var serr error
-		err := d.srcRC.Read(func(fd uintptr) bool {
-			for {
-				var m int64
-				m, serr = unix.Splice(int(fd), nil, p.w, nil, p.size, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
-				if !errors.Is(serr, unix.EINTR) {
-					n = int(max(m, 0))
-					return true // never wait on the netpoller: an idle source parks on the loop
-				}
-			}
-		})
-		if err != nil {
+		if err := d.srcRC.Read(d.rawIn); err != nil {
 			return false, err
 		}
+		n, serr := d.ioN, d.ioErr
 		switch {
-		case errors.Is(serr, unix.EAGAIN):
+		case isAgain(serr):
 			clean = true
 			return true, nil
 		case serr != nil:
@@ -81,40 +90,56 @@ func (d *dir) burstSplice() (idle bool, err error) {
 			clean = true
 			return false, d.dst.CloseWrite()
 		}
-		if err := d.drainPipe(p, n); err != nil {
+		if err := d.drainPipe(n); err != nil {
 			return false, err
+		}
+	}
+}
+
+// spliceInIO fills the pipe from the source. Without an event loop it waits on the netpoller
+// while the socket is empty; with one, an idle source parks on the loop instead.
+func (d *dir) spliceInIO(fd uintptr) bool {
+	for {
+		m, err := unix.Splice(int(fd), nil, d.pipe.w, nil, d.pipe.size, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+		if !errors.Is(err, unix.EINTR) {
+			d.ioN, d.ioErr = int(max(m, 0)), err
+			return !d.wait || !isAgain(err)
 		}
 	}
 }
 
 // drainPipe writes n bytes from the pipe to the destination socket, waiting on the netpoller
 // while the socket is full (the flow's backpressure: nothing more is read meanwhile).
-func (d *dir) drainPipe(p *kpipe, n int) error {
+func (d *dir) drainPipe(n int) error {
 	for n > 0 {
-		var m int64
-		var werr error
-		err := d.dstRC.Write(func(fd uintptr) bool {
-			for {
-				m, werr = unix.Splice(p.r, nil, int(fd), nil, n, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
-				if !errors.Is(werr, unix.EINTR) {
-					return !errors.Is(werr, unix.EAGAIN)
-				}
-			}
-		})
-		if err != nil {
+		d.want = n
+		if err := d.dstRC.Write(d.rawOut); err != nil {
 			return err
 		}
+		m, werr := d.ioN, d.ioErr
 		if werr != nil {
 			return fmt.Errorf("splice to socket: %w", werr)
 		}
 		if m <= 0 {
 			return fmt.Errorf("splice to socket: %w", io.ErrShortWrite)
 		}
-		n -= int(m)
-		d.n += m
+		n -= m
+		d.n += int64(m)
 		if d.count != nil {
-			d.count.Add(m)
+			d.count.Add(int64(m))
 		}
 	}
 	return nil
+}
+
+// spliceOutIO moves up to d.want bytes from the pipe to the destination, waiting on the
+// netpoller while the socket is full.
+func (d *dir) spliceOutIO(fd uintptr) bool {
+	for {
+		m, err := unix.Splice(d.pipe.r, nil, int(fd), nil, d.want, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+		if !errors.Is(err, unix.EINTR) {
+			d.ioN, d.ioErr = int(max(m, 0)), err
+			return !isAgain(err)
+		}
+	}
 }

@@ -68,8 +68,20 @@ func echoHandler(s *Stream) {
 			return
 		}
 		buf := make([]byte, 64<<10)
-		if _, err := s.ReadFromBuffer(s, buf); err != nil {
-			return
+		for {
+			n, err := s.Read(buf)
+			if n > 0 {
+				if _, err := s.Write(buf[:n]); err != nil {
+					return
+				}
+			}
+			if err == io.EOF {
+				s.CloseWrite()
+				return
+			}
+			if err != nil {
+				return
+			}
 		}
 	}()
 }

@@ -41,12 +41,12 @@ type Stream struct {
 	localEnded  bool
 	responded   bool
 	rerr        error // set when the stream failed (reset, connection gone, Close)
-	lending     bool  // WriteTo is writing from the head chunk without s.mu
+	lending     bool  // WriteAvailable is writing from the head chunk without s.mu
 	peerGone    bool  // the peer reset the stream without error: no more writes
 	failed      chan struct{}
 	failOnce    sync.Once
-	// onReadable is called once, under mu, when the stream next has bytes, its end or an
-	// error for the reader (NotifyReadable).
+	// onReadable is called once, just after mu is released, when the stream next has bytes,
+	// its end or an error for the reader (NotifyReadable).
 	onReadable func()
 
 	// sendWindow is guarded by c.mu.
@@ -165,10 +165,10 @@ func (s *Stream) NotifyReadable(fn func()) bool {
 	return true
 }
 
-// WriteAvailable writes the bytes received so far to w, straight from the receive buffer as
-// WriteTo does, without waiting for more. done is true once the peer ended the stream and
-// every byte was written (err is nil then); with done false and err nil the stream is open
-// and its buffer empty: the caller waits with NotifyReadable.
+// WriteAvailable writes the bytes received so far to w, straight from the receive buffer (the
+// relay's way out of a stream, without a copy), and does not wait for more. done is true once
+// the peer ended the stream and every byte was written (err is nil then); with done false and
+// err nil the stream is open and its buffer empty: the caller waits with NotifyReadable.
 func (s *Stream) WriteAvailable(w io.Writer) (n int64, done bool, err error) {
 	for {
 		s.mu.Lock()
@@ -231,45 +231,14 @@ func (s *Stream) Read(p []byte) (int, error) {
 	return n, nil
 }
 
-// WriteTo writes tunnelled bytes to w straight from the receive buffer until the peer ends the
-// stream (then it returns nil) or an error occurs. The relay uses it to avoid a copy.
+// writeHeadLocked writes the head chunk's bytes to w and accounts them. It is called with s.mu
+// held and a non-empty buffer, and returns with s.mu released.
 //
-// The socket write happens without s.mu held, so the read loop can keep appending: the reader
-// owns bytes [r, w) of the head chunk and the read loop only writes past w of the tail chunk.
-// While a write is in flight (lending), fail drops the chunks instead of recycling them, so a
-// chunk being written can never be handed to another stream.
-func (s *Stream) WriteTo(w io.Writer) (int64, error) {
-	var total int64
-	for {
-		s.mu.Lock()
-		for s.buffered == 0 && s.rerr == nil && !s.remoteEnded {
-			s.cond.Wait()
-		}
-		if s.rerr != nil {
-			err := s.rerr
-			s.mu.Unlock()
-			if err == io.EOF {
-				return total, nil
-			}
-			return total, err
-		}
-		if s.buffered == 0 {
-			s.mu.Unlock()
-			return total, nil
-		}
-		n, err := s.writeHeadLocked(w)
-		total += int64(n)
-		if err != nil {
-			return total, err
-		}
-	}
-}
-
-// writeHeadLocked writes the head chunk's bytes to w without s.mu (the reader owns [r, w) of
-// the head chunk; the read loop only appends past w of the tail) and accounts them. It is
-// called with s.mu held and a non-empty buffer, and returns with s.mu released. When the
-// stream failed during the write, the chunks were dropped (lending), nothing is accounted and
-// the error is the stream's unless the write had one.
+// The write happens without s.mu, so the read loop can keep appending: the reader owns bytes
+// [r, w) of the head chunk and the read loop only writes past w of the tail chunk. While the
+// write is in flight (lending), fail drops the chunks instead of recycling them, so a chunk
+// being written can never be handed to another stream; nothing is accounted then, and the
+// error is the stream's unless the write had one.
 func (s *Stream) writeHeadLocked(w io.Writer) (int, error) {
 	ch := s.chunks[0]
 	data := ch.buf[ch.r:ch.w]
@@ -353,27 +322,6 @@ func (s *Stream) Write(p []byte) (int, error) {
 		p = p[n:]
 	}
 	return written, nil
-}
-
-// ReadFrom sends everything r yields, then ends the stream (END_STREAM) when r reaches EOF.
-// buf is the copy buffer to use; the relay passes a pooled one.
-func (s *Stream) ReadFromBuffer(r io.Reader, buf []byte) (int64, error) {
-	var total int64
-	for {
-		n, rerr := r.Read(buf)
-		if n > 0 {
-			if _, err := s.Write(buf[:n]); err != nil {
-				return total, err
-			}
-			total += int64(n)
-		}
-		if rerr == io.EOF {
-			return total, s.CloseWrite()
-		}
-		if rerr != nil {
-			return total, rerr
-		}
-	}
 }
 
 // awaitSend blocks until the stream and the connection both have send credit and takes up to
