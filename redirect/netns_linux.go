@@ -49,24 +49,15 @@ func CurrentNetns() (Netns, error) {
 }
 
 func newNetns(f *os.File, source string) (Netns, error) {
-	id, err := IdentifyNetns(int(f.Fd()))
-	if err != nil {
-		return Netns{}, fmt.Errorf("netns %s: %w", source, err)
-	}
-	return Netns{h: &nsHandle{f: f, id: id, source: source}}, nil
-}
-
-// IdentifyNetns checks that fd is a network namespace and returns its identity. It does not
-// take ownership of fd.
-func IdentifyNetns(fd int) (NetnsID, error) {
+	fd := int(f.Fd())
 	if err := validateNetns(fd); err != nil {
-		return NetnsID{}, err
+		return Netns{}, fmt.Errorf("netns %s: %w", source, err)
 	}
 	var st unix.Stat_t
 	if err := unix.Fstat(fd, &st); err != nil {
-		return NetnsID{}, fmt.Errorf("fstat: %w", err)
+		return Netns{}, fmt.Errorf("netns %s: fstat: %w", source, err)
 	}
-	return NetnsID{Dev: st.Dev, Ino: st.Ino}, nil
+	return Netns{h: &nsHandle{f: f, id: NetnsID{Dev: st.Dev, Ino: st.Ino}, source: source}}, nil
 }
 
 // ErrNotNetns is returned for a file that is not a network namespace.

@@ -77,9 +77,6 @@ func (n Netns) Dup() (Netns, error) { return Netns{}, ErrUnsupported }
 // DupFd is only supported on Linux.
 func (n Netns) DupFd() (int, error) { return -1, ErrUnsupported }
 
-// IdentifyNetns needs Linux.
-func IdentifyNetns(fd int) (NetnsID, error) { return NetnsID{}, ErrUnsupported }
-
 // DialUDP needs Linux.
 func (f *SocketFactory) DialUDP(ctx context.Context, dst netip.AddrPort) (*net.UDPConn, error) {
 	return nil, ErrUnsupported

@@ -197,16 +197,17 @@ func runNode(args []string, stderr io.Writer) int {
 	}
 	setFlags := map[string]bool{}
 	fs.Visit(func(f *flag.Flag) { setFlags[f.Name] = true })
+	// given says whether the user chose a value (flag or environment) rather than the default.
+	given := func(name, envKey string) bool { return setFlags[name] || os.Getenv(envKey) != "" }
 	inPod := *inpodUDS != "" || *podsDir != ""
-	if inPod && *inpodUDS != "" && *podsDir != "" {
-		if setFlags["pods-dir"] && !setFlags["inpod-uds"] && os.Getenv("INPOD_UDS") == "" {
-			*inpodUDS = "" // the pods directory replaces the in-cluster ZDS default
-		} else {
+	if *inpodUDS != "" && *podsDir != "" {
+		if given("inpod-uds", "INPOD_UDS") {
 			fmt.Fprintln(stderr, "ztgo: --inpod-uds and --pods-dir exclude each other")
 			return 2
 		}
+		*inpodUDS = "" // the pods directory (flag or env) replaces the in-cluster ZDS default
 	}
-	if inPod && !setFlags["socks5"] && os.Getenv("ZTGO_SOCKS5_ADDR") == "" {
+	if inPod && !given("socks5", "ZTGO_SOCKS5_ADDR") {
 		*socks5 = "" // ztunnel enables SOCKS5 only on request; loopback mode needs it
 	}
 	inPodMark := uint32(redirect.PacketMark)

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"os"
 	"strings"
 	"testing"
 
@@ -49,5 +50,43 @@ func TestEmbeddedDefaultConfigIsValid(t *testing.T) {
 	}
 	if len(snap.WorkloadsOnNode("ztgo")) != 2 || len(snap.Services()) != 1 {
 		t.Fatalf("default mesh: %d local workloads, %d services", len(snap.WorkloadsOnNode("ztgo")), len(snap.Services()))
+	}
+}
+
+// TestInPodSource: inside Kubernetes, in-pod capture over ZDS is the default; a pods directory,
+// given by flag or by environment, replaces that default, and conflicts only with a ZDS socket
+// the user chose.
+func TestInPodSource(t *testing.T) {
+	t.Setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+	t.Setenv("INPOD_ENABLED", "true")
+	for _, tc := range []struct {
+		name         string
+		env          map[string]string
+		args         []string
+		wantConflict bool
+	}{
+		{"pods dir flag", nil, []string{"--pods-dir", "/pods"}, false},
+		{"pods dir env", map[string]string{"ZTGO_PODS_DIR": "/pods"}, nil, false},
+		{"uds flag and pods dir", nil, []string{"--inpod-uds", "/z.sock", "--pods-dir", "/pods"}, true},
+		{"uds env and pods dir env", map[string]string{"INPOD_UDS": "/z.sock", "ZTGO_PODS_DIR": "/pods"}, nil, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			for _, k := range []string{"INPOD_UDS", "ZTGO_PODS_DIR"} {
+				t.Setenv(k, "") // restored after the test
+				if v, ok := tc.env[k]; ok {
+					t.Setenv(k, v)
+				} else {
+					os.Unsetenv(k)
+				}
+			}
+			// An invalid flag checked after the in-pod flags ends the run before anything starts.
+			args := append([]string{"run", "--pool-max-streams", "0"}, tc.args...)
+			var out, errb bytes.Buffer
+			code := run(args, &out, &errb)
+			conflict := strings.Contains(errb.String(), "exclude each other")
+			if code != 2 || conflict != tc.wantConflict || (!conflict && !strings.Contains(errb.String(), "--pool-max-streams")) {
+				t.Fatalf("%q: %d %q, want conflict %v", args, code, errb.String(), tc.wantConflict)
+			}
+		})
 	}
 }

@@ -22,7 +22,8 @@ import (
 )
 
 // recSink records the agent's calls and checks its promises: DelPod only for a started
-// pod, and the netns still open until DelPod returns.
+// pod, the netns still open until DelPod returns, and the capture rules still in place
+// when DelPod is called (the proxy lets go of the pod before its rules go).
 type recSink struct {
 	t        *testing.T
 	mu       sync.Mutex
@@ -60,10 +61,18 @@ func (s *recSink) DelPod(uid string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	ns, ok := s.running[uid]
-	if !ok {
+	switch {
+	case !ok:
 		s.t.Errorf("DelPod %s: not running", uid)
-	} else if !ns.Valid() {
+	case !ns.Valid():
 		s.t.Errorf("DelPod %s: netns closed before DelPod returned", uid)
+	default:
+		drift, err := redirect.Check(ns, redirect.RuleConfig{})
+		if err != nil {
+			s.t.Errorf("DelPod %s: check rules: %v", uid, err)
+		} else if slices.Contains(drift, "nftables: table inet "+redirect.TableName+" missing") {
+			s.t.Errorf("DelPod %s: capture rules removed before DelPod", uid)
+		}
 	}
 	delete(s.running, uid)
 	s.events = append(s.events, "del "+uid)
@@ -156,7 +165,6 @@ func expectRules(t *testing.T, ns redirect.Netns, cfg redirect.RuleConfig) {
 	}
 }
 
-// expectNoTable checks that ztgo's table is absent from ns.
 // expectNoTable waits for ns's capture table to be gone: the agent removes rules after the
 // sink's DelPod returns, so a test that synchronizes on the sink must wait for the removal.
 func expectNoTable(t *testing.T, ns redirect.Netns) {
@@ -395,6 +403,24 @@ func TestAgentMetricsLint(t *testing.T) {
 	// A second registration fails and leaves nothing behind.
 	if _, err := newAgentMetrics(reg); err == nil {
 		t.Fatal("duplicate registration: no error")
+	}
+	// Also when only the last collector clashes: the ones registered before it are taken
+	// back, and the registry holds just the clashing family.
+	reg = prometheus.NewRegistry()
+	reg.MustRegister(prometheus.NewCounter(prometheus.CounterOpts{Name: "ztgo_agent_pod_failures_total", Help: "x"}))
+	if _, err := newAgentMetrics(reg); err == nil {
+		t.Fatal("clashing registration: no error")
+	}
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, mf := range mfs {
+		names = append(names, mf.GetName())
+	}
+	if !slices.Equal(names, []string{"ztgo_agent_pod_failures_total"}) {
+		t.Fatalf("after a failed registration the registry holds %q", names)
 	}
 }
 

@@ -85,12 +85,13 @@
 // AddPod records the pod with the server's own duplicate of its netns fd and returns nil
 // without waiting for any client: a client that is not connected yet gets the pod in its
 // snapshot. It fails only when the netns cannot be duplicated or the server has stopped.
-// DelPod forgets the pod and waits (up to 5 s) until every client that had it acknowledged
-// the del, as istio-cni waits for ztunnel, so the agent removes the pod's rules only after
-// the proxy let go of the pod's connections. Start the server once the Agent is Ready: a client that connects
-// before the first scan is applied gets an incomplete snapshot and stops the pods missing
-// from it. Stop closes the socket and the connections; clients keep their pods and
-// reconcile with the next server's snapshot.
+// DelPod forgets the pod and waits (up to 5 s) until every client that had it, or was
+// being sent it, acknowledged the del, as istio-cni waits for ztunnel, so the agent
+// removes the pod's rules only after the proxy let go of the pod's connections. Start the
+// server once the Agent is Ready: a client that connects before the first scan is applied
+// gets an incomplete snapshot and stops the pods missing from it. Stop closes the socket
+// and the connections; clients keep their pods and reconcile with the next server's
+// snapshot.
 //
 // # Differences from istio-cni, on purpose
 //

@@ -69,8 +69,9 @@ type Server struct {
 	ln      *net.UnixListener
 	cancel  context.CancelFunc
 	wg      sync.WaitGroup
-	// held counts, per pod, the connections that were sent an add and no del yet; changed
-	// is closed (and replaced) whenever a count drops. DelPod waits on them.
+	// held counts, per pod, the connections that were sent an add (counted as it is sent)
+	// and no del yet; changed is closed (and replaced) whenever a count drops. DelPod waits
+	// on them.
 	held    map[string]int
 	changed chan struct{}
 }
@@ -251,17 +252,16 @@ func (s *Server) DelPod(uid string) {
 // delWait bounds how long DelPod waits for the clients' acks (the ZDS answer deadline).
 const delWait = 5 * time.Second
 
-// hold records that connection c now has (+1) or no longer has (-1) pod uid.
-func (s *Server) hold(uid string, delta int) {
+// release records that a connection no longer has pod uid (dupFd counted it) and wakes
+// DelPod.
+func (s *Server) release(uid string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.held[uid] += delta; s.held[uid] <= 0 {
+	if s.held[uid]--; s.held[uid] <= 0 {
 		delete(s.held, uid)
 	}
-	if delta < 0 {
-		close(s.changed)
-		s.changed = make(chan struct{})
-	}
+	close(s.changed)
+	s.changed = make(chan struct{})
 }
 
 // notifyLocked wakes every connection to reconcile.
@@ -288,8 +288,10 @@ func (s *Server) desired(c *serverConn) (map[string]podKey, bool) {
 
 // dupFd returns a duplicate of the fd of pod uid if the server still holds it as want; the
 // caller closes it. Duplicating under the lock keeps DelPod from closing the fd, and the
-// number from being reused, while a connection sends it.
-func (s *Server) dupFd(uid string, want podKey) (int, bool) {
+// number from being reused, while a connection sends it. With hold, the connection counts
+// as holding the pod from then on (see DelPod), in the same critical section: a DelPod
+// either finds the count or removed the pod before the add could be sent.
+func (s *Server) dupFd(uid string, want podKey, hold bool) (int, bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	p := s.pods[uid]
@@ -300,6 +302,9 @@ func (s *Server) dupFd(uid string, want podKey) (int, bool) {
 	if err != nil {
 		s.log.Error("zds: dup netns fd failed", "uid", uid, "error", err)
 		return -1, false
+	}
+	if hold {
+		s.held[uid]++
 	}
 	return fd, true
 }
@@ -339,8 +344,8 @@ func (s *Server) accept(ctx context.Context) {
 		c.log = s.log.With("conn", c.id)
 		s.conns = append(s.conns, c)
 		n := len(s.conns)
+		s.metrics.conns.Set(float64(n)) // under the lock, so that sets land in order
 		s.mu.Unlock()
-		s.metrics.conns.Set(float64(n))
 		c.log.Info("zds client connected", "connections", n)
 		s.wg.Go(func() { c.serve(ctx) })
 	}
@@ -350,14 +355,13 @@ func (s *Server) accept(ctx context.Context) {
 // newest now receives adds.
 func (s *Server) dropConn(c *serverConn) {
 	for uid := range c.sent {
-		s.hold(uid, -1)
+		s.release(uid)
 	}
 	s.mu.Lock()
 	s.conns = slices.DeleteFunc(s.conns, func(x *serverConn) bool { return x == c })
-	n := len(s.conns)
+	s.metrics.conns.Set(float64(len(s.conns)))
 	s.notifyLocked()
 	s.mu.Unlock()
-	s.metrics.conns.Set(float64(n))
 }
 
 // podKey is what a client was told about a pod.
@@ -619,11 +623,17 @@ func (c *serverConn) nextRetry() time.Time {
 // add sends WorkloadRequest.add for uid with its netns fd. A NACK is logged and the add
 // scheduled for a retry; only a transport failure is returned.
 func (c *serverConn) add(uid string, k podKey) error {
-	fd, ok := c.s.dupFd(uid, k)
+	// The client may start the pod as soon as the add is sent, so the connection holds the
+	// pod from the send on, not from the answer: a DelPod meanwhile waits for the del.
+	_, had := c.sent[uid]
+	fd, ok := c.s.dupFd(uid, k, !had)
 	if !ok {
 		return nil // deleted or changed meanwhile; the next reconcile sees it
 	}
 	defer unix.Close(fd)
+	if !had {
+		c.sent[uid] = sentPod{podKey: k} // if the request fails, dropConn releases the hold
+	}
 	log := c.log.With("uid", uid, "name", k.info.Name, "namespace", k.info.Namespace,
 		"service_account", k.info.ServiceAccount, "netns", k.id.String())
 	nack, err := c.request("add", &zdsapi.WorkloadRequest{Payload: &zdsapi.WorkloadRequest_Add{Add: &zdsapi.AddWorkload{
@@ -634,9 +644,6 @@ func (c *serverConn) add(uid string, k podKey) error {
 	}}}, fd)
 	if err != nil {
 		return err
-	}
-	if _, had := c.sent[uid]; !had {
-		c.s.hold(uid, +1)
 	}
 	if nack != "" {
 		c.sent[uid] = sentPod{podKey: k, retryAt: time.Now().Add(c.s.cfg.RetryInterval)}
@@ -655,7 +662,7 @@ func (c *serverConn) del(uid string) error {
 	}
 	if _, had := c.sent[uid]; had {
 		delete(c.sent, uid)
-		c.s.hold(uid, -1)
+		c.s.release(uid)
 	}
 	if nack != "" {
 		c.log.Error("zds client NACKed pod delete", "uid", uid, "error", nack)

@@ -51,13 +51,13 @@ func newTestServer(t *testing.T, path string) (*Server, *prometheus.Registry) {
 type zdsRecorder struct {
 	mu      sync.Mutex
 	events  []string
-	ids     map[string]zds.NetnsID
+	ids     map[string]redirect.NetnsID
 	infos   map[string]zds.WorkloadInfo
 	failing map[string]int
 }
 
 func newZDSRecorder() *zdsRecorder {
-	return &zdsRecorder{ids: map[string]zds.NetnsID{}, infos: map[string]zds.WorkloadInfo{}, failing: map[string]int{}}
+	return &zdsRecorder{ids: map[string]redirect.NetnsID{}, infos: map[string]zds.WorkloadInfo{}, failing: map[string]int{}}
 }
 
 func (h *zdsRecorder) AddPod(ctx context.Context, uid string, info zds.WorkloadInfo, ns redirect.Netns) error {
@@ -433,6 +433,45 @@ func TestPrivilegedServerProtocol(t *testing.T) {
 		r.ack("")
 		if got := metric(t, reg, "ztgo_agent_zds_messages_total", "type=add", "result=nack"); got != 1 {
 			t.Errorf("NACKed adds = %v", got)
+		}
+	})
+	t.Run("del waits for an add in flight", func(t *testing.T) {
+		// The client may start a pod as soon as its add is sent, before it answers: a DelPod
+		// then must wait for the client's answer to the add and to the del that follows,
+		// or the agent removes the rules under a proxy that is starting.
+		r := dialRaw(t, path)
+		r.hello()
+		r.read() // add p
+		r.ack("")
+		r.read() // snapshot_sent
+		r.ack("")
+		if err := srv.AddPod(ctx, "q", info("q"), ns); err != nil {
+			t.Fatal(err)
+		}
+		if req, _ := r.read(); req.GetAdd().GetUid() != "q" {
+			t.Fatalf("want add q, got %v", req)
+		}
+		deleted := make(chan struct{})
+		go func() { srv.DelPod("q"); close(deleted) }()
+		select {
+		case <-deleted:
+			t.Fatal("DelPod returned while the client was being sent the add")
+		case <-time.After(50 * time.Millisecond):
+		}
+		r.ack("")
+		if req, _ := r.read(); req.GetDel().GetUid() != "q" {
+			t.Fatalf("want del q, got %v", req)
+		}
+		select {
+		case <-deleted:
+			t.Fatal("DelPod returned before the client acknowledged the delete")
+		case <-time.After(50 * time.Millisecond):
+		}
+		r.ack("")
+		select {
+		case <-deleted:
+		case <-time.After(waitFor):
+			t.Fatal("DelPod still waiting after the ack")
 		}
 	})
 	for _, tc := range []struct {

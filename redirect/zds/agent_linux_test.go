@@ -367,7 +367,7 @@ func checkOpen(t *testing.T, what string, ns redirect.Netns) {
 		t.Errorf("%s: netns fd %d: %v", what, fd, err)
 		return
 	}
-	if got := (NetnsID{Dev: uint64(st.Dev), Ino: uint64(st.Ino)}); got != ns.ID() {
+	if got := (redirect.NetnsID{Dev: uint64(st.Dev), Ino: uint64(st.Ino)}); got != ns.ID() {
 		t.Errorf("%s: netns fd names %v, want %v", what, got, ns.ID())
 	}
 }

@@ -52,13 +52,13 @@ func newNetnsFile(t *testing.T) *os.File {
 	return r.f
 }
 
-func fileID(t *testing.T, f *os.File) NetnsID {
+func fileID(t *testing.T, f *os.File) redirect.NetnsID {
 	t.Helper()
 	var st unix.Stat_t
 	if err := unix.Fstat(int(f.Fd()), &st); err != nil {
 		t.Fatal(err)
 	}
-	return NetnsID{Dev: uint64(st.Dev), Ino: uint64(st.Ino)}
+	return redirect.NetnsID{Dev: uint64(st.Dev), Ino: uint64(st.Ino)}
 }
 
 // interfacesIn lists the interfaces seen from inside ns.
@@ -87,7 +87,7 @@ func TestPrivilegedNetns(t *testing.T) {
 
 	a := newTestAgent(t)
 	h := newFakeHandler(t)
-	var seen []NetnsID
+	var seen []redirect.NetnsID
 	h.inspect = func(uid string, ns redirect.Netns) error {
 		// Runs under h.mu, from the client's goroutine.
 		seen = append(seen, ns.ID())
@@ -122,7 +122,7 @@ func TestPrivilegedNetns(t *testing.T) {
 
 	conn.mustDel("a")
 	h.expect("del a")
-	if want := []NetnsID{id1, id2}; !slices.Equal(seen, want) {
+	if want := []redirect.NetnsID{id1, id2}; !slices.Equal(seen, want) {
 		t.Errorf("handler saw namespaces %v, want %v", seen, want)
 	}
 	expectMetrics(t, reg, 0, 0, 2, 2)

@@ -3,6 +3,7 @@ package certs
 import (
 	"context"
 	"errors"
+	"sync"
 	"testing"
 	"time"
 )
@@ -13,15 +14,16 @@ func TestLimiterPriority(t *testing.T) {
 		t.Fatal(err)
 	}
 	order := make(chan priority, 2)
+	var released sync.WaitGroup
 	queue := func(p priority) {
-		go func() {
+		released.Go(func() {
 			if err := l.acquire(context.Background(), p); err != nil {
 				t.Error(err)
 				return
 			}
 			order <- p
 			l.release()
-		}()
+		})
 	}
 	waitQueued := func(p priority, n int) {
 		for {
@@ -54,6 +56,7 @@ func TestLimiterPriority(t *testing.T) {
 	if first, second := <-order, <-order; first != priorityWaiting || second != priorityRenewal {
 		t.Fatalf("order %v, %v; want waiting before renewal", first, second)
 	}
+	released.Wait() // each sends its priority before it releases
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.free != 1 {
