@@ -314,6 +314,21 @@ func (c *Cluster) build() error {
 	return nil
 }
 
+// checkNewLocked reports why a pod or external named name cannot be added now: the cluster
+// is closed, the name is unusable, or a namespace has it already; c.mu is held.
+func (c *Cluster) checkNewLocked(name string) error {
+	if c.closed {
+		return errors.New("cluster is closed")
+	}
+	if err := checkName(name); err != nil {
+		return err
+	}
+	if c.names[name] {
+		return fmt.Errorf("name %q is taken", name)
+	}
+	return nil
+}
+
 // newNamespace creates the named namespace of name with lo up and the base sysctls, and
 // records it for Close before anything else can fail.
 func (c *Cluster) newNamespace(name string, ip netip.Addr) (*Namespace, error) {
@@ -527,14 +542,8 @@ func (c *Cluster) AddPod(node, name string, opts ...PodOption) (*Pod, error) {
 }
 
 func (c *Cluster) addPodLocked(node, name string, o podOptions) (*Pod, error) {
-	if c.closed {
-		return nil, errors.New("cluster is closed")
-	}
-	if err := checkName(name); err != nil {
+	if err := c.checkNewLocked(name); err != nil {
 		return nil, err
-	}
-	if c.names[name] {
-		return nil, fmt.Errorf("name %q is taken", name)
 	}
 	n := c.nodeLocked(node)
 	if n == nil {
@@ -671,14 +680,8 @@ func (c *Cluster) AddExternal(name string) (*External, error) {
 }
 
 func (c *Cluster) addExternalLocked(name string) (*External, error) {
-	if c.closed {
-		return nil, errors.New("cluster is closed")
-	}
-	if err := checkName(name); err != nil {
+	if err := c.checkNewLocked(name); err != nil {
 		return nil, err
-	}
-	if c.names[name] {
-		return nil, fmt.Errorf("name %q is taken", name)
 	}
 	if c.nextExtHost >= MaxExternals {
 		return nil, fmt.Errorf("more than %d externals", MaxExternals)

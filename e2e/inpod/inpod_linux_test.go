@@ -605,6 +605,44 @@ func TestPrivilegedInPod(t *testing.T) {
 		}
 	})
 
+	t.Run("config dump lists the pods", func(t *testing.T) {
+		// ztunnel's config_dump in shared mode: workloadState by pod uid.
+		ctx, cancel := context.WithTimeout(context.Background(), ioTimeout)
+		defer cancel()
+		code, body, err := e.a.HTTPGet(ctx, "http://127.0.0.1:15000/config_dump")
+		if err != nil || code != 200 {
+			t.Fatalf("config_dump: %d %v", code, err)
+		}
+		var dump struct {
+			WorkloadState map[string]struct {
+				State    string            `json:"state"`
+				Info     map[string]string `json:"info"`
+				Netns    string            `json:"netns"`
+				Workload string            `json:"workload"`
+			} `json:"workloadState"`
+		}
+		if err := json.Unmarshal(body, &dump); err != nil {
+			t.Fatalf("config_dump: %v", err)
+		}
+		if len(dump.WorkloadState) != 2 {
+			t.Errorf("node-a's workloadState has %d pods, want client and other: %v", len(dump.WorkloadState), dump.WorkloadState)
+		}
+		for _, p := range []struct{ uid, name, workload string }{
+			{"client-uid", "client", "Kubernetes//v1/Pod/default/client"},
+			{"other-uid", "other", "Kubernetes//v1/Pod/default/other"},
+		} {
+			st, ok := dump.WorkloadState[p.uid]
+			if !ok {
+				t.Errorf("workloadState has no %s", p.uid)
+				continue
+			}
+			if st.State != "Up" || st.Info["name"] != p.name || st.Info["namespace"] != "default" ||
+				st.Info["serviceAccount"] != p.name || st.Workload != p.workload || st.Netns == "" {
+				t.Errorf("workloadState[%s] = %+v", p.uid, st)
+			}
+		}
+	})
+
 	t.Run("pod add and remove keep other flows", func(t *testing.T) {
 		long := dial(t, client, ap(e.echo.IP(), 9090))
 		defer long.Close()

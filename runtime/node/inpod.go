@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"math/rand/v2"
 	"net"
 	"net/netip"
@@ -162,16 +163,11 @@ func (n *Node) removeAllPods() {
 	}
 }
 
-// PodUIDs lists the running in-pod proxies.
-func (n *Node) PodUIDs() []string {
+// podUIDs lists the running in-pod proxies, by pod uid.
+func (n *Node) podUIDs() []string {
 	n.podMu.Lock()
 	defer n.podMu.Unlock()
-	out := make([]string, 0, len(n.pods))
-	for uid := range n.pods {
-		out = append(out, uid)
-	}
-	slices.Sort(out)
-	return out
+	return slices.Sorted(maps.Keys(n.pods))
 }
 
 func (n *Node) stoppingPods() bool {
@@ -243,13 +239,19 @@ func (p *pod) isClosedLocked() bool { return p.closed }
 // 15006 (inbound plaintext) into the pipeline.
 func (p *pod) acceptCaptured(ln *net.TCPListener, dir stages.Direction) {
 	defer p.loops.Done()
-	n := p.n
+	p.n.acceptFlows(p.ctx, p.n.log.With("uid", p.uid), ln, dir, p)
+}
+
+// acceptFlows feeds the connections accepted on ln into the pipeline as flows of direction
+// dir, until ln closes or ctx ends: the node's SOCKS5 entry (p nil) or a pod's captured
+// 15001 and 15006 (p the pod).
+func (n *Node) acceptFlows(ctx context.Context, log *slog.Logger, ln net.Listener, dir stages.Direction, p *pod) {
 	rng := rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64()))
 	var delay time.Duration
 	for {
-		c, err := ln.AcceptTCP()
+		c, err := ln.Accept()
 		if err != nil {
-			if acceptRetry(p.ctx, n.log.With("uid", p.uid), ln, err, &delay) {
+			if acceptRetry(ctx, log, ln, err, &delay) {
 				continue
 			}
 			return
@@ -262,14 +264,15 @@ func (p *pod) acceptCaptured(ln *net.TCPListener, dir stages.Direction) {
 		} else {
 			f = n.pipeline.NewFlow(dir, n.store.Load(), stages.Capture, stages.Identity, stages.Authz, stages.Upstream)
 		}
-		f.Down = c
+		f.Down = c.(*net.TCPConn)
 		f.Src = addrPort(c.RemoteAddr())
-		f.Local = addrPort(c.LocalAddr())
-		f.Pod = p
+		if p != nil {
+			f.Pod = p // never a nil *pod: f.Pod == nil is what tells a SOCKS5 flow
+		}
 		// Blocks while the capture stage is saturated: accepting slows down (backpressure).
-		if err := n.pipeline.Submit(p.ctx, f); err != nil {
+		if err := n.pipeline.Submit(ctx, f); err != nil {
 			c.Close()
-			if errors.Is(err, stages.ErrStopped) || p.ctx.Err() != nil {
+			if errors.Is(err, stages.ErrStopped) || ctx.Err() != nil {
 				return
 			}
 		}
@@ -304,16 +307,21 @@ func (p *pod) acceptHBONE(ln *net.TCPListener) {
 
 // Workload finds the pod's workload among this node's workloads by the name, namespace and
 // service account the pod source gave, waiting up to workloadWait for the control plane to
-// announce it.
+// announce it: each publish of the store wakes the wait.
 func (p *pod) Workload(ctx context.Context, snap *snapshot.Snapshot) (*snapshot.Workload, *snapshot.Snapshot, error) {
 	if w := p.lookup(snap); w != nil {
 		return w, snap, nil
 	}
-	if cur := p.n.store.Load(); cur != snap {
-		snap = cur
-		if w := p.lookup(snap); w != nil {
-			return w, snap, nil
+	// latest looks in the store's current snapshot, if it is not the one looked in already.
+	latest := func() *snapshot.Workload {
+		if cur := p.n.store.Load(); cur != snap {
+			snap = cur
+			return p.lookup(snap)
 		}
+		return nil
+	}
+	if w := latest(); w != nil {
+		return w, snap, nil
 	}
 	notFound := func() error {
 		return fmt.Errorf("pod %s/%s (service account %s) is not a workload on node %q",
@@ -322,11 +330,15 @@ func (p *pod) Workload(ctx context.Context, snap *snapshot.Snapshot) (*snapshot.
 	if p.missed.Load() == snap.Version()+1 {
 		return nil, snap, notFound() // already waited in vain for this mesh
 	}
+	changed, unsubscribe := p.n.store.Subscribe()
+	defer unsubscribe()
 	deadline := time.NewTimer(workloadWait)
 	defer deadline.Stop()
-	tick := time.NewTicker(50 * time.Millisecond)
-	defer tick.Stop()
 	for {
+		// After Subscribe: a publish that this look misses wakes the select.
+		if w := latest(); w != nil {
+			return w, snap, nil
+		}
 		select {
 		case <-ctx.Done():
 			return nil, snap, fmt.Errorf("waiting for the workload of pod %s/%s: %w", p.info.Namespace, p.info.Name, ctx.Err())
@@ -335,11 +347,7 @@ func (p *pod) Workload(ctx context.Context, snap *snapshot.Snapshot) (*snapshot.
 		case <-deadline.C:
 			p.missed.Store(snap.Version() + 1)
 			return nil, snap, notFound()
-		case <-tick.C:
-		}
-		snap = p.n.store.Load()
-		if w := p.lookup(snap); w != nil {
-			return w, snap, nil
+		case <-changed:
 		}
 	}
 }
@@ -406,7 +414,7 @@ func (h zdsHandler) Snapshot(active []string) {
 	for _, uid := range active {
 		keep[uid] = true
 	}
-	for _, uid := range h.PodUIDs() {
+	for _, uid := range h.podUIDs() {
 		if !keep[uid] {
 			h.DelPod(uid)
 		}

@@ -15,7 +15,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"math/rand/v2"
 	"net"
 	"net/netip"
 	"sync"
@@ -673,28 +672,11 @@ func (n *Node) dialHBONE(ctx context.Context, key connpool.Key) (*hbone.Conn, er
 	return c, nil
 }
 
+// acceptSOCKS serves the SOCKS5 entry: each connection is an outbound flow whose capture
+// stage speaks SOCKS5.
 func (n *Node) acceptSOCKS(ln net.Listener) {
 	defer n.wg.Done()
-	rng := rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64()))
-	for {
-		c, err := ln.Accept()
-		if err != nil {
-			if n.ctx.Err() == nil && !errors.Is(err, net.ErrClosed) {
-				n.log.Error("socks5 accept", "error", err)
-			}
-			return
-		}
-		tc := c.(*net.TCPConn)
-		f := n.pipeline.NewFlow(stages.Outbound, n.store.Load(), stages.Capture, stages.Identity, stages.Upstream)
-		f.Down = tc
-		f.Src = addrPort(c.RemoteAddr())
-		f.TraceParent = hbone.NewTraceParent(rng)
-		// Blocks while the capture stage is saturated: accepting slows down (backpressure).
-		if err := n.pipeline.Submit(n.ctx, f); err != nil {
-			c.Close()
-			return
-		}
-	}
+	n.acceptFlows(n.ctx, n.log, ln, stages.Outbound, nil)
 }
 
 func (n *Node) acceptInbound(ln net.Listener) {

@@ -117,6 +117,12 @@ var (
 		idleN: 10000, idleMax: time.Minute, rateDur: 15 * time.Second, slowDur: 30 * time.Second, limit: 20 * time.Minute}
 )
 
+// String sums the plan up for the --quick flag's help, so the help cannot drift from the plans.
+func (p plan) String() string {
+	return fmt.Sprintf("%d rounds, %s throughput windows, %s idle connections, watchdog %s",
+		p.rounds, p.tpDur, thousands(int64(p.idleN)), p.limit)
+}
+
 const (
 	readyTimeout = 20 * time.Second
 	stopGrace    = 10 * time.Second
@@ -132,7 +138,7 @@ func main() {
 func run() int {
 	var (
 		bin        = flag.String("ztgo", "./bin/ztgo", "ztgo binary to run (make build)")
-		quick      = flag.Bool("quick", false, "3 rounds, 2 s windows, 2,000 idle connections (~65 s); default: 7 rounds, 5 s windows, 10,000 idle connections (~5 min)")
+		quick      = flag.Bool("quick", false, quickPlan.String()+"; default: "+fullPlan.String())
 		out        = flag.String("out", "", "also write the markdown report to this file")
 		profileDir = flag.String("profile-dir", "", "write CPU profiles of both nodes here, taken during two extra runs through ztgo: 1-stream throughput (throughput-node-{a,b}.pprof) and new connections from 8 clients (connrate-node-{a,b}.pprof), unless only idle runs; and heap profiles while the idle connections are open (idle-heap-node-{a,b}.pprof)")
 		keep       = flag.Bool("keep", false, "keep the temp dir (mesh, CA, node logs)")
